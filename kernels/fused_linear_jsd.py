@@ -1,0 +1,304 @@
+"""Fused linear + generalized-JSD loss: chunked over rows, never holding [N, V] logits."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cpp_rows, torch_rows
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+# Workspace for one chunk of logits (fp32 student + teacher rows, plus a bf16 copy on CUDA).
+DEFAULT_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 1 << 29}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weights,
+              reduction, chunk_size, backend, logits=False):
+    what = "logits" if logits else "hidden"
+    _check_float(f"student_{what}", student)
+    _check_float(f"teacher_{what}", teacher)
+    if student.dim() != 2:
+        raise ValueError(f"student_{what} must be 2-D [N, {'V' if logits else 'H'}], got shape {tuple(student.shape)}")
+    if teacher.dim() != 2 or teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"teacher_{what} must be 2-D with the same N as student_{what} "
+                         f"({student.shape[0]}), got shape {tuple(teacher.shape)}")
+    devices = {student.device, teacher.device}
+    if not logits:
+        _check_float("weight", weight)
+        if weight.dim() != 2 or weight.shape[1] != student.shape[1]:
+            raise ValueError(f"weight must be [V, H] with H = student_hidden.shape[1] = "
+                             f"{student.shape[1]}, got shape {tuple(weight.shape)}")
+        if weight.dtype != student.dtype:
+            raise ValueError(f"weight dtype {weight.dtype} differs from student_hidden dtype {student.dtype}")
+        tw = weight if teacher_weight is None else teacher_weight
+        if teacher_weight is not None:
+            _check_float("teacher_weight", teacher_weight)
+            if teacher_weight.dim() != 2 or teacher_weight.shape[0] != weight.shape[0]:
+                raise ValueError(f"teacher_weight must be [V, H_t] with V = {weight.shape[0]}, "
+                                 f"got shape {tuple(teacher_weight.shape)}")
+        if teacher.shape[1] != tw.shape[1]:
+            raise ValueError(f"teacher_hidden must be [N, {tw.shape[1]}] to match "
+                             f"{'teacher_weight' if teacher_weight is not None else 'weight'}, "
+                             f"got shape {tuple(teacher.shape)}")
+        if teacher.dtype != tw.dtype:
+            raise ValueError(f"teacher_hidden dtype {teacher.dtype} differs from its weight's {tw.dtype}")
+        devices |= {weight.device, tw.device}
+    elif teacher.shape != student.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} differs from student_logits "
+                         f"shape {tuple(student.shape)}")
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor):
+            raise ValueError("token_weights must be a tensor of shape [N]")
+        if not (token_weights.is_floating_point() or token_weights.dtype == torch.bool):
+            raise ValueError(f"token_weights must be float or bool, got dtype {token_weights.dtype}")
+        if tuple(token_weights.shape) != (student.shape[0],):
+            raise ValueError(f"token_weights must have shape [{student.shape[0]}], got {tuple(token_weights.shape)}")
+        devices.add(token_weights.device)
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    for name, t in (("student_temperature", ts), ("teacher_temperature", tt)):
+        if not isinstance(t, (int, float)) or not float(t) > 0.0 or float(t) == float("inf"):
+            raise ValueError(f"{name} must be a positive finite number, got {t!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _rows_fn(backend: str, device: torch.device):
+    """The row kernel for a backend: (zs, zt, row_scale, loss, inv_ts, inv_tt, beta, write_grad)."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "cpp"
+    if backend == "triton":
+        from . import triton_rows  # imported lazily: machines without triton still get cpp/torch
+        return triton_rows.jsd_rows
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
+        return cpp_rows.jsd_rows if cpp_rows.available() else torch_rows.jsd_rows
+    return torch_rows.jsd_rows
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device, budget_bytes: int | None = None) -> int:
+    """Rows per chunk so that the logits workspace stays within the memory budget."""
+    budget = budget_bytes or DEFAULT_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    per_row = vocab * (8 + (2 if device.type == "cuda" else 0))
+    rows = max(1, budget // per_row)
+    if rows >= 64:
+        rows -= rows % 64  # GEMM-friendly
+    return int(max(1, min(rows, n_rows)))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b in fp32, whatever the input dtype (bf16 GEMMs accumulate and store in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+# ----------------------------------------------------------------------------- the chunk loop
+
+def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
+             want_dh, want_dw, write_grad):
+    """Loss per row, and (if write_grad) dH and fp32 dW already scaled by row_scale."""
+    N, H = h_s.shape
+    V = W.shape[0]
+    device = h_s.device
+    shared = W_t is W
+    loss_rows = torch.empty(N, dtype=torch.float32, device=device)
+    dH = torch.empty_like(h_s) if (write_grad and want_dh) else None
+    dW = torch.zeros(V, H, dtype=torch.float32, device=device) if (write_grad and want_dw) else None
+    # CPU has no bf16 -> fp32 GEMM: take an fp32 copy of the weight once (inputs-sized, not N-sized).
+    low_cpu = not h_s.is_cuda and h_s.dtype != torch.float32
+    W_f = W.float() if low_cpu else W
+    W_tf = (W_f if shared else W_t.float()) if low_cpu else W_t
+    buf = torch.empty(2 * chunk, V, dtype=torch.float32, device=device)
+    for start in range(0, N, chunk):
+        c = min(chunk, N - start)
+        hs = h_s[start:start + c]
+        ht = h_t[start:start + c]
+        if low_cpu:
+            hs, ht = hs.float(), ht.float()
+        z = buf[:2 * c]
+        if shared:
+            _mm_f32(torch.cat([hs, ht]), W_f.T, out=z)  # one GEMM for student and teacher logits
+        else:
+            _mm_f32(hs, W_f.T, out=z[:c])
+            _mm_f32(ht, W_tf.T, out=z[c:])
+        zs, zt = z[:c], z[c:]
+        rows_fn(zs, zt, row_scale[start:start + c], loss_rows[start:start + c],
+                inv_ts, inv_tt, beta, write_grad)
+        if not write_grad:
+            continue
+        g = zs if (zs.dtype == W_f.dtype) else zs.to(W_f.dtype)
+        if dH is not None:
+            if dH.dtype == g.dtype:
+                torch.mm(g, W_f, out=dH[start:start + c])
+            else:
+                dH[start:start + c] = torch.mm(g, W_f)
+        if dW is not None:
+            if g.dtype == torch.float32:
+                dW.addmm_(g.T, hs)
+            else:
+                torch.addmm(dW, g.T, hs, out_dtype=torch.float32, out=dW)
+    return loss_rows, dH, dW
+
+
+def _row_weights(token_weights, n, device):
+    if token_weights is None:
+        return torch.ones(n, dtype=torch.float32, device=device)
+    return token_weights.to(torch.float32)
+
+
+def _grad_scale(w, reduction):
+    if reduction == "mean":
+        return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return w
+
+
+class _FusedLinearJSDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, h_t, W, W_t, token_weights, beta, ts, tt, reduction, chunk, backend):
+        rows_fn = _rows_fn(backend, h_s.device)
+        w = _row_weights(token_weights, h_s.shape[0], h_s.device)
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        eager = reduction != "none" and (want_dh or want_dw)
+        # Gradients come out of the forward for "mean"/"sum"; "none" needs the per-row upstream
+        # gradient inside dW, so it recomputes the chunks in backward instead.
+        loss_rows, dH, dW = _chunked(h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w,
+                                     beta, 1.0 / ts, 1.0 / tt, chunk, rows_fn, want_dh, want_dw, eager)
+        ctx.reduction, ctx.w_dtype, ctx.shared = reduction, W.dtype, W_t is W
+        ctx.args = (beta, 1.0 / ts, 1.0 / tt, chunk, rows_fn, want_dh, want_dw)
+        if reduction == "none":
+            ctx.save_for_backward(h_s, h_t, W, None if ctx.shared else W_t, w)
+            return loss_rows * w
+        ctx.save_for_backward(dH, dW)
+        total = (loss_rows * w).sum()
+        if reduction == "sum":
+            return total
+        return total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        beta, inv_ts, inv_tt, chunk, rows_fn, want_dh, want_dw = ctx.args
+        if ctx.reduction == "none":
+            h_s, h_t, W, W_t, w = ctx.saved_tensors
+            row_scale = (grad_out.float() * w).contiguous()
+            _, dH, dW = _chunked(h_s, h_t, W, W if ctx.shared else W_t, row_scale, beta,
+                                 inv_ts, inv_tt, chunk, rows_fn, want_dh, want_dw, True)
+        else:
+            dH, dW = ctx.saved_tensors
+            g = grad_out.float()  # a scalar; always applied, since testing it for 1 would sync
+            dH = None if dH is None else dH * g.to(dH.dtype)
+            dW = None if dW is None else dW * g
+        if dW is not None:
+            dW = dW.to(ctx.w_dtype)
+        return dH, None, dW, None, None, None, None, None, None, None, None
+
+
+def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None, *, beta=0.5,
+                     student_temperature=1.0, teacher_temperature=1.0, token_weights=None,
+                     reduction="mean", chunk_size=None, backend="auto"):
+    """Generalized JSD between the student's and the teacher's next-token distributions.
+
+    Student logits are student_hidden @ weight.T, teacher logits teacher_hidden @ teacher_weight.T
+    (teacher_weight defaults to weight, detached). beta = 0 is KL(P||Q), beta = 1 KL(Q||P), P the
+    teacher, Q the student. Gradients reach student_hidden and weight only. Returns a scalar for
+    "mean" (over the weighted rows) and "sum", per-row weighted losses [N] for "none".
+    """
+    _validate(student_hidden, teacher_hidden, weight, teacher_weight, beta, student_temperature,
+              teacher_temperature, token_weights, reduction, chunk_size, backend)
+    N = student_hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(N, weight.shape[0], student_hidden.device)
+    chunk = max(1, min(chunk, N))
+    # Same tensor object -> one stacked GEMM; the teacher side never receives a gradient.
+    W_t = weight if teacher_weight is None or teacher_weight is weight else teacher_weight.detach()
+    return _FusedLinearJSDFunction.apply(
+        student_hidden, teacher_hidden.detach(), weight, W_t, token_weights, float(beta),
+        float(student_temperature), float(teacher_temperature), reduction, chunk, backend)
+
+
+class _LogitsJSDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_s, z_t, token_weights, beta, ts, tt, reduction, backend):
+        rows_fn = _rows_fn(backend, z_s.device)
+        w = _row_weights(token_weights, z_s.shape[0], z_s.device)
+        eager = reduction != "none" and ctx.needs_input_grad[0]
+        zt = z_t.detach().to(torch.float32).contiguous()
+        grad = z_s.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+        loss_rows = torch.empty(z_s.shape[0], dtype=torch.float32, device=z_s.device)
+        rows_fn(grad, zt, _grad_scale(w, reduction) if eager else w, loss_rows,
+                1.0 / ts, 1.0 / tt, beta, eager)
+        ctx.reduction, ctx.dtype = reduction, z_s.dtype
+        ctx.args = (beta, 1.0 / ts, 1.0 / tt, rows_fn)
+        if reduction == "none":
+            ctx.save_for_backward(z_s, z_t, w)
+            return loss_rows * w
+        ctx.save_for_backward(grad if eager else None)
+        total = (loss_rows * w).sum()
+        if reduction == "sum":
+            return total
+        return total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        beta, inv_ts, inv_tt, rows_fn = ctx.args
+        if ctx.reduction == "none":
+            z_s, z_t, w = ctx.saved_tensors
+            grad = z_s.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+            loss_rows = torch.empty(z_s.shape[0], dtype=torch.float32, device=z_s.device)
+            rows_fn(grad, z_t.detach().to(torch.float32).contiguous(),
+                    (grad_out.float() * w).contiguous(), loss_rows, inv_ts, inv_tt, beta, True)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = grad * grad_out.float()
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None
+
+
+def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
+        teacher_temperature=1.0, token_weights=None, reduction="mean", backend="auto"):
+    """fused_linear_jsd for logits already in hand ([N, V] each); same conventions."""
+    _validate(student_logits, teacher_logits, None, None, beta, student_temperature,
+              teacher_temperature, token_weights, reduction, None, backend, logits=True)
+    return _LogitsJSDFunction.apply(student_logits, teacher_logits, token_weights, float(beta),
+                                    float(student_temperature), float(teacher_temperature),
+                                    reduction, backend)
+
+
+class FusedLinearJSD(nn.Module):
+    """Module form of fused_linear_jsd: the loss settings at construction, tensors at call."""
+
+    def __init__(self, beta=0.5, student_temperature=1.0, teacher_temperature=1.0,
+                 reduction="mean", chunk_size=None, backend="auto"):
+        super().__init__()
+        self.beta, self.reduction = beta, reduction
+        self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, student_hidden, teacher_hidden, weight, teacher_weight=None, token_weights=None):
+        return fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight,
+                                beta=self.beta, student_temperature=self.student_temperature,
+                                teacher_temperature=self.teacher_temperature,
+                                token_weights=token_weights, reduction=self.reduction,
+                                chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"beta={self.beta}, student_temperature={self.student_temperature}, "
+                f"teacher_temperature={self.teacher_temperature}, reduction={self.reduction!r}")

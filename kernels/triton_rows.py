@@ -1,0 +1,175 @@
+"""Triton row kernel of the fused linear-JSD loss (CUDA; CPU tensors run it in the interpreter)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The math is the one in csrc/jsd_rows.cpp (see its header): d = t - s is built from the logit
+# difference and a log-sum-exp difference kept in float64, and every term is written in d.
+# Unlike the C++ kernel, pass 3 recomputes q and g instead of storing them: on a GPU the extra
+# transcendentals are cheaper than another [C, V] write.
+
+
+@triton.jit
+def _expm1(x):
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    small = x + x * x * p
+    xc = tl.minimum(x, 80.0)
+    return tl.where((x > -0.5) & (x < 0.5), small, tl.exp(xc) - 1.0)
+
+
+@triton.jit
+def _log1p(y):
+    s = y / (2.0 + y)
+    s2 = s * s
+    p = 1.0 / 17.0
+    p = p * s2 + 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    small = 2.0 * s * p
+    return tl.where((y > -0.4) & (y < 0.4), small, tl.log(tl.maximum(1.0 + y, 1e-30)))
+
+
+@triton.jit
+def _row_terms(us, ut, ls, dl, beta, MODE: tl.constexpr):
+    """q, p, d and the mixture terms (g, d - g) of one block; MODE 0 fwd KL, 1 rev KL, 2 mixture."""
+    s = us - ls
+    d = (ut - us) - dl
+    q = tl.exp(s)
+    if MODE == 2:
+        dpos = d > 0.0
+        h = _log1p(tl.where(dpos, 1.0 - beta, beta) * _expm1(-tl.abs(d)))
+        g = tl.where(dpos, d + h, h)
+        dmg = tl.where(dpos, -h, d - h)
+    else:
+        g = d
+        dmg = d
+    return s, d, q, g, dmg
+
+
+@triton.jit
+def _jsd_rows_kernel(zs_ptr, zt_ptr, scale_ptr, loss_ptr, stride_s, stride_t, V,
+                     inv_ts, inv_tt, beta,
+                     MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * stride_s
+    zt_row = zt_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + row)
+    if scale == 0.0:
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                tl.store(zs_row + cols, tl.zeros([BLOCK], tl.float32), mask=cols < V)
+        tl.store(loss_ptr + row, 0.0)
+    else:
+        # Pass 1: both log-sum-exps, online over vocabulary blocks; sums in float64.
+        m_s = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        m_t = m_s
+        sum_s = tl.sum(tl.zeros([BLOCK], tl.float64), axis=0)
+        sum_t = sum_s
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            us = tl.load(zs_row + cols, mask=mask, other=float("-inf")) * inv_ts
+            ut = tl.load(zt_row + cols, mask=mask, other=float("-inf")) * inv_tt
+            new_s = tl.maximum(m_s, tl.max(us, axis=0))
+            new_t = tl.maximum(m_t, tl.max(ut, axis=0))
+            sum_s = sum_s * tl.exp(m_s - new_s).to(tl.float64) \
+                + tl.sum(tl.exp(us - new_s), axis=0).to(tl.float64)
+            sum_t = sum_t * tl.exp(m_t - new_t).to(tl.float64) \
+                + tl.sum(tl.exp(ut - new_t), axis=0).to(tl.float64)
+            m_s = new_s
+            m_t = new_t
+        ratio = (sum_t / sum_s).to(tl.float32)
+        ls = m_s + tl.log(sum_s.to(tl.float32))
+        dl = (m_t - m_s) + tl.log(ratio)
+        gscale = scale * inv_ts
+
+        # Pass 2: row sums (and, for forward KL, the gradient itself).
+        acc_p = tl.sum(tl.zeros([BLOCK], tl.float64), axis=0)
+        acc_q = acc_p
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            us = tl.load(zs_row + cols, mask=mask, other=0.0) * inv_ts
+            ut = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_tt
+            s, d, q, g, dmg = _row_terms(us, ut, ls, dl, beta, MODE)
+            if MODE == 1:
+                acc_q += tl.sum(tl.where(mask, -q * d, 0.0), axis=0).to(tl.float64)
+            else:
+                p = tl.exp(s + d)
+                acc_p += tl.sum(tl.where(mask, p * dmg, 0.0), axis=0).to(tl.float64)
+                if MODE == 2:
+                    acc_q += tl.sum(tl.where(mask, -q * g, 0.0), axis=0).to(tl.float64)
+                if MODE == 0:
+                    if WRITE_GRAD:
+                        small = (d > -0.5) & (d < 0.5)
+                        grad = tl.where(small, -q * _expm1(tl.minimum(tl.maximum(d, -0.5), 0.5)), q - p)
+                        tl.store(zs_row + cols, grad * gscale, mask=mask)
+        if MODE == 0:
+            loss = acc_p
+        elif MODE == 1:
+            loss = acc_q
+        else:
+            loss = beta * acc_p + (1.0 - beta) * acc_q
+        tl.store(loss_ptr + row, loss.to(tl.float32))
+
+        # Pass 3 (beta > 0): the gradient needs the row sum from pass 2.
+        if MODE != 0:
+            if WRITE_GRAD:
+                c = acc_q.to(tl.float32)
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    mask = cols < V
+                    us = tl.load(zs_row + cols, mask=mask, other=0.0) * inv_ts
+                    ut = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_tt
+                    s, d, q, g, dmg = _row_terms(us, ut, ls, dl, beta, MODE)
+                    if MODE == 1:
+                        grad = q * (-d - c)
+                    else:
+                        grad = (1.0 - beta) * q * (-g - c)
+                    tl.store(zs_row + cols, grad * gscale, mask=mask)
+
+
+def _kernel_for(device: torch.device):
+    # Triton's own library functions are compiled or interpreted depending on TRITON_INTERPRET at
+    # import, so CPU tensors can only run this kernel in a process that set it before importing.
+    from triton.runtime.interpreter import InterpretedFunction
+    if device.type == "cpu" and not isinstance(_jsd_rows_kernel, InterpretedFunction):
+        raise ValueError("backend='triton' with CPU tensors needs TRITON_INTERPRET=1 in the "
+                         "environment before triton is imported; use backend='cpp' or 'auto' on CPU")
+    return _jsd_rows_kernel
+
+
+def beta_mode(beta: float) -> int:
+    return 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
+
+
+def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: torch.Tensor,
+             inv_ts: float, inv_tt: float, beta: float, write_grad: bool,
+             block: int | None = None) -> None:
+    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32)."""
+    C, V = zs.shape
+    if C == 0:
+        return
+    if block is None:
+        block = min(4096, triton.next_power_of_2(V)) if zs.is_cuda else min(1024, triton.next_power_of_2(V))
+    kernel = _kernel_for(zs.device)
+    kwargs = {"num_warps": 8} if zs.is_cuda else {}
+    kernel[(C,)](zs, zt, row_scale, loss, zs.stride(0), zt.stride(0), V,
+                 float(inv_ts), float(inv_tt), float(beta),
+                 MODE=beta_mode(beta), WRITE_GRAD=bool(write_grad), BLOCK=block, **kwargs)

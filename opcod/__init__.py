@@ -1,0 +1,2 @@
+"""opcod: On-Policy Co-Distillation trainer."""
+__version__ = "0.1.0"
