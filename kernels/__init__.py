@@ -1,5 +1,5 @@
 """opcod_kernels: fused linear + generalized-JSD distillation loss without [N, V] logits."""
-from .fused_linear_jsd import FusedLinearJSD, default_chunk_size, fused_linear_jsd, jsd
+from .fused import FusedLinearJSD, default_chunk_size, fused_linear_jsd, jsd
 from .reference import reference_fused_linear_jsd, reference_jsd
 
 __all__ = ["fused_linear_jsd", "jsd", "FusedLinearJSD", "reference_fused_linear_jsd",
