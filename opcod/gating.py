@@ -1,0 +1,66 @@
+"""Cognizance gaps, the cognizance gate and its ablation modes, and tutor rotation."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+GATE_MODES = ("cognizance", "always", "never", "domain_selective")
+
+
+def _domains(scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    if not scores:
+        raise ValueError("scores must hold at least one student")
+    domains = sorted({d for per in scores.values() for d in per})
+    for student, per in scores.items():
+        missing = [d for d in domains if d not in per]
+        if missing:
+            raise ValueError(f"scores[{student!r}] has no score for domain(s) {missing}")
+    return domains
+
+
+def best_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """s*_d = max over students of s^i_d."""
+    return {d: max(per[d] for per in scores.values()) for d in _domains(scores)}
+
+
+def cognizance_gaps(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Delta^i = sum_d (s*_d - s^i_d) / s*_d; a domain with s*_d = 0 counts 0."""
+    best = best_scores(scores)
+    return {student: sum((best[d] - per[d]) / best[d] for d in best if best[d] > 0)
+            for student, per in scores.items()}
+
+
+def cognizant(scores: Mapping[str, Mapping[str, float]], tau: float) -> dict[str, bool]:
+    """Student i is cognizant iff its gap is at most tau."""
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    return {student: gap <= tau for student, gap in cognizance_gaps(scores).items()}
+
+
+def best_domains(scores: Mapping[str, Mapping[str, float]], student: str) -> set[str]:
+    """The domains on which `student` scores highest of all students (ties included)."""
+    best = best_scores(scores)
+    return {d for d in best if scores[student][d] >= best[d]}
+
+
+def feedback_allowed(mode: str, tutor: str, domain: str, scores: Mapping[str, Mapping[str, float]],
+                     tau: float) -> bool:
+    """Whether `tutor` writes feedback on a problem of `domain` under the gate `mode`."""
+    if mode == "always":
+        return True
+    if mode == "never":
+        return False
+    if mode == "cognizance":
+        return cognizant(scores, tau)[tutor]
+    if mode == "domain_selective":
+        return cognizant(scores, tau)[tutor] or domain in best_domains(scores, tutor)
+    raise ValueError(f"gate must be one of {GATE_MODES}, got {mode!r}")
+
+
+def tutor_for(students: Sequence[str], tutee: str, round_index: int) -> str:
+    """The tutor of `tutee` in round `round_index` (1-based): the next student, rotating over
+    the others from round to round when there are more than two."""
+    if len(students) < 2:
+        raise ValueError("co-distillation needs at least two students")
+    i = list(students).index(tutee)
+    offset = 1 + (round_index - 1) % (len(students) - 1)
+    return students[(i + offset) % len(students)]
