@@ -33,7 +33,8 @@ def cognizant(scores: Mapping[str, Mapping[str, float]], tau: float) -> dict[str
     """Student i is cognizant iff its gap is at most tau."""
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    return {student: gap <= tau for student, gap in cognizance_gaps(scores).items()}
+    # The tolerance keeps a gap that equals tau on paper (0.3 vs 1.0 - 0.7) on the cognizant side.
+    return {student: gap <= tau + 1e-12 for student, gap in cognizance_gaps(scores).items()}
 
 
 def best_domains(scores: Mapping[str, Mapping[str, float]], student: str) -> set[str]:

@@ -1,0 +1,97 @@
+"""SciKnowEval loading: SDPO's exact split from the raw files, SDPO split files, errors, subsets."""
+import json
+import os
+
+import pytest
+
+from conftest import SHARED
+from opcod.data import (DOMAINS, DataError, Problem, load_sciknoweval, parse_prompt, read_problems,
+                        union, validation_split, write_problems)
+
+SKE = os.path.join(SHARED, "data", "sciknoweval")
+RAW, SDPO = os.path.join(SKE, "raw_data"), os.path.join(SKE, "sdpo_splits")
+SIZES = {"chemistry": (1890, 210), "physics": (720, 80), "material": (841, 94), "biology": (450, 50)}
+needs_data = pytest.mark.skipif(not os.path.isdir(SKE), reason=f"SciKnowEval copy not found at {SKE}")
+
+
+@needs_data
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_raw_files_reproduce_sdpo_split_exactly(domain):
+    for split, size in zip(("train", "test"), SIZES[domain]):
+        raw = load_sciknoweval(RAW, domain, split)
+        sdpo = load_sciknoweval(SDPO, domain, split)
+        assert len(raw) == len(sdpo) == size
+        assert [p.meta["idx"] for p in raw] == [p.meta["idx"] for p in sdpo]
+        with open(os.path.join(SDPO, domain, f"{split}.json")) as f:
+            records = [json.loads(line) for line in f]
+        # The student prompt built from each raw record is SDPO's prompt, byte for byte.
+        assert [p.prompt for p in raw] == [r["prompt"] for r in records]
+        assert [p.answer for p in raw] == [r["answer"] for r in records]
+        assert raw == sdpo
+
+
+@needs_data
+def test_train_and_test_are_disjoint():
+    train = load_sciknoweval(RAW, "physics", "train")
+    test = load_sciknoweval(RAW, "physics", "test")
+    assert not {p.id for p in train} & {p.id for p in test}
+
+
+def test_unknown_domain_and_split_name_the_valid_ones():
+    with pytest.raises(ValueError, match="chemistry, physics, material, biology"):
+        load_sciknoweval(RAW, "geology", "train")
+    with pytest.raises(ValueError, match="train, test"):
+        load_sciknoweval(RAW, "physics", "validation")
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    d = tmp_path / "physics"
+    d.mkdir()
+    good = {"idx": 0, "prompt": "Q?\n\nA: x\nB: y\nPlease reason step by step.", "answer": "A"}
+    (d / "train.json").write_text(json.dumps(good) + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"train\.json:2"):
+        load_sciknoweval(tmp_path, "physics", "train")
+    (d / "train.json").write_text(json.dumps({**good, "answer": "E"}) + "\n")
+    with pytest.raises(DataError, match=r"train\.json:1: answer 'E'"):
+        load_sciknoweval(tmp_path, "physics", "train")
+
+
+def test_missing_folder_and_hf_without_datasets(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_sciknoweval(tmp_path / "nope" / "deeper", "physics", "train")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="datasets"):
+            load_sciknoweval("hicai-zju/SciKnowEval", "physics", "train")
+
+
+def test_parse_prompt_multiline_options():
+    q, opts = parse_prompt("Line one\n\nline two?\n\nA: first\nB: sec\nond\nPlease reason step by step.")
+    assert q == "Line one\n\nline two?" and opts == [("A", "first"), ("B", "sec\nond")]
+
+
+def make_problems(n, domain="x"):
+    return [Problem(id=f"{domain}-{i}", domain=domain, question=f"q{i}", options=[("A", "a"), ("B", "b")],
+                    answer="A") for i in range(n)]
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    problems = make_problems(50)
+    train, val = validation_split(problems, 10, seed=3)
+    assert len(train) == 40 and len(val) == 10
+    assert not {p.id for p in train} & {p.id for p in val}
+    assert validation_split(problems, 10, seed=3) == (train, val)
+    assert validation_split(problems, 10, seed=4)[1] != val
+    with pytest.raises(ValueError, match="validation size"):
+        validation_split(problems, 51)
+
+
+def test_union_and_roundtrip(tmp_path):
+    a, b = make_problems(3, "x"), make_problems(2, "y")
+    both = union(a, b, seed=0)
+    assert sorted(p.id for p in both) == sorted(p.id for p in a + b)
+    with pytest.raises(ValueError, match="repeat"):
+        union(a, a)
+    write_problems(tmp_path / "p.jsonl", both)
+    assert read_problems(tmp_path / "p.jsonl") == both

@@ -1,0 +1,95 @@
+"""Grading, avg@k, cognizance gating and Pareto verdicts against hand computations."""
+import pytest
+
+from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for)
+from opcod.grading import avg_at_k, extract_answer, reward
+from opcod.pareto import dominates, format_table, improvements, mutual_improvement
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<reasoning>x</reasoning><answer>B</answer>", "B"),
+    ("<answer>\nC\n</answer>", "C"),
+    ("<answer>A</answer> then <answer> D </answer>", "D"),          # the last tag wins
+    ("<answer>A</answer> then <answer>D", None),                   # the last opening is unclosed
+    ("no tags at all", None),
+    ("<answer>B", None),
+    ("<answer></answer>", ""),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_reward_is_exact_match():
+    assert reward("<answer>B</answer>", "B") == 1.0
+    assert reward("<answer>b</answer>", "B") == 0.0
+    assert reward("<answer>B.</answer>", "B") == 0.0
+    assert reward("B", "B") == 0.0
+
+
+def test_avg_at_k():
+    assert avg_at_k([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1]]) == pytest.approx((0.75 + 0 + 1) / 3)
+    with pytest.raises(ValueError):
+        avg_at_k([])
+    with pytest.raises(ValueError, match="problem 1"):
+        avg_at_k([[1.0], []])
+
+
+def test_paper_example_both_incognizant():
+    scores = {"A": {"chem": 1.0, "phys": 0.7}, "B": {"chem": 0.7, "phys": 1.0}}
+    gaps = cognizance_gaps(scores)
+    assert gaps == pytest.approx({"A": 0.3, "B": 0.3})
+    assert cognizant(scores, 0.2) == {"A": False, "B": False}
+    assert cognizant(scores, 0.3) == {"A": True, "B": True}
+
+
+def test_zero_best_domain_counts_zero_and_three_students():
+    scores = {"A": {"x": 0.0, "y": 0.5, "z": 0.9}, "B": {"x": 0.0, "y": 0.4, "z": 0.6},
+              "C": {"x": 0.0, "y": 0.1, "z": 0.9}}
+    gaps = cognizance_gaps(scores)
+    assert gaps == pytest.approx({"A": 0.0, "B": 0.1 / 0.5 + 0.3 / 0.9, "C": 0.4 / 0.5})
+    assert cognizant(scores, 0.2) == {"A": True, "B": False, "C": False}
+    assert best_domains(scores, "C") == {"x", "z"}
+
+
+def test_bad_scores_and_tau():
+    with pytest.raises(ValueError, match="tau"):
+        cognizant({"A": {"x": 1.0}}, -0.1)
+    with pytest.raises(ValueError, match="'B'"):
+        cognizance_gaps({"A": {"x": 1.0, "y": 1.0}, "B": {"x": 1.0}})
+
+
+def test_gate_modes():
+    scores = {"A": {"chem": 0.8, "phys": 0.3}, "B": {"chem": 0.5, "phys": 0.6}}
+    # gaps: A = 0.5/0.6 = 0.83, B = 0.3/0.8 = 0.375 -> both incognizant at tau 0.2
+    assert not feedback_allowed("cognizance", "A", "chem", scores, 0.2)
+    assert feedback_allowed("cognizance", "B", "chem", scores, 0.4)
+    assert feedback_allowed("always", "A", "phys", scores, 0.2)
+    assert not feedback_allowed("never", "B", "chem", scores, 1.0)
+    assert feedback_allowed("domain_selective", "A", "chem", scores, 0.2)
+    assert not feedback_allowed("domain_selective", "A", "phys", scores, 0.2)
+    assert feedback_allowed("domain_selective", "B", "phys", scores, 0.2)
+    with pytest.raises(ValueError, match="gate"):
+        feedback_allowed("sometimes", "A", "chem", scores, 0.2)
+
+
+def test_tutor_rotation():
+    assert tutor_for(["A", "B"], "A", 1) == "B" and tutor_for(["A", "B"], "B", 7) == "A"
+    three = ["A", "B", "C"]
+    assert [tutor_for(three, "A", r) for r in (1, 2, 3)] == ["B", "C", "B"]
+    assert all(tutor_for(three, s, r) != s for s in three for r in range(1, 6))
+
+
+def test_pareto():
+    assert dominates({"x": 0.5, "y": 0.5}, {"x": 0.5, "y": 0.4})
+    assert not dominates({"x": 0.5, "y": 0.5}, {"x": 0.5, "y": 0.5})
+    assert not dominates({"x": 0.6, "y": 0.3}, {"x": 0.5, "y": 0.4})
+    with pytest.raises(ValueError, match="domains"):
+        dominates({"x": 1.0}, {"y": 1.0})
+    initial = {"A": {"x": 0.5, "y": 0.2}, "B": {"x": 0.3, "y": 0.6}}
+    final = {"A": {"x": 0.6, "y": 0.2}, "B": {"x": 0.3, "y": 0.5}}
+    assert improvements(initial, final) == {"A": True, "B": False}
+    assert not mutual_improvement(initial, final)
+    final["B"]["y"] = 0.7
+    assert mutual_improvement(initial, final)
+    table = format_table(initial, final)
+    assert "50.0 ->  60.0 (+10.0)" in table and "mutual Pareto improvement: yes" in table
