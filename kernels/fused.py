@@ -104,11 +104,27 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, budget_byt
     return int(max(1, min(rows, n_rows)))
 
 
+_HAS_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _low_precision_fp32_gemm_ok(device: torch.device) -> bool:
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) exists here (CUDA, torch >= 2.8)."""
+    key = str(device)
+    if key not in _HAS_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            torch.mm(a, a, out_dtype=torch.float32)
+            _HAS_OUT_DTYPE[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _HAS_OUT_DTYPE[key] = False
+    return _HAS_OUT_DTYPE[key]
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = a @ b in fp32, whatever the input dtype (bf16 GEMMs accumulate and store in fp32)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda:
+    if a.is_cuda and _low_precision_fp32_gemm_ok(a.device):
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
 
@@ -156,8 +172,10 @@ def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
         if dW is not None:
             if g.dtype == torch.float32:
                 dW.addmm_(g.T, hs)
-            else:
+            elif _low_precision_fp32_gemm_ok(dW.device):
                 torch.addmm(dW, g.T, hs, out_dtype=torch.float32, out=dW)
+            else:
+                dW.addmm_(g.T.float(), hs.float())
     return loss_rows, dH, dW
 
 
