@@ -202,3 +202,9 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     letter = rng.choice([label for label, _ in problem.options if label != problem.answer])
     text = dict(problem.options)[letter]
     return _solution(f"I think the answer is {text}.", letter)
+
+
+def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Disjoint (train, test) problem lists of a synthetic domain: no question text in both."""
+    problems = generate(domain, n_train + n_test, seed)
+    return problems[n_test:], problems[:n_test]

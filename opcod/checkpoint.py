@@ -1,0 +1,101 @@
+"""Atomic distributed checkpoints (DCP) of the whole run, and Hugging Face exports of students."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+LATEST = "latest"
+KEEP = 2
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    """The last whole checkpoint, or None."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    return path if (path / "train_state.json").is_file() else None
+
+
+def save(ckpt_root: Path, tag: str, modules: dict, optimizers: dict, tensors: dict, train_state: dict) -> Path:
+    """Write modules (name -> nn.Module), optimizers (name -> (module, optimizer)), extra sharded
+    tensors and a JSON train state under ckpt_root/tag; it becomes visible only once whole."""
+    final = ckpt_root / tag
+    tmp = ckpt_root / f"{tag}.partial"
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    state = {"modules": {k: get_model_state_dict(m) for k, m in modules.items()},
+             "optim": {k: get_optimizer_state_dict(m, o) for k, (m, o) in optimizers.items()},
+             "tensors": tensors}
+    dcp.save(state, checkpoint_id=str(tmp))
+    _barrier()
+    if _rank0():
+        (tmp / "train_state.json").write_text(json.dumps(train_state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(ckpt_root / LATEST, tag)
+        whole = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.endswith(".partial")),
+                       key=lambda p: p.stat().st_mtime)
+        for old in whole[:-KEEP]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, modules: dict, optimizers: dict, tensors: dict) -> dict:
+    """Restore everything `save` wrote into the live objects; returns the train state."""
+    state = {"modules": {k: get_model_state_dict(m) for k, m in modules.items()},
+             "optim": {k: get_optimizer_state_dict(m, o) for k, (m, o) in optimizers.items()},
+             "tensors": tensors}
+    dcp.load(state, checkpoint_id=str(path))
+    for k, m in modules.items():
+        set_model_state_dict(m, state["modules"][k])
+    for k, (m, o) in optimizers.items():
+        set_optimizer_state_dict(m, o, state["optim"][k])
+    return json.loads((path / "train_state.json").read_text())
+
+
+def export_hf(student, tokenizer, out_dir: Path) -> None:
+    """The student in Hugging Face format (safetensors, config, tokenizer with chat template),
+    gathered to rank 0 and written under a temporary name first."""
+    sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank0():
+        # Keep the dtype the model was released in (bf16 for Qwen3), not the fp32 master copy.
+        dtype = getattr(student.lm.config, "dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        sd = {k.removeprefix("lm."): v.to(dtype) if dtype is not None and v.is_floating_point() else v
+              for k, v in sd.items()}
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    _barrier()

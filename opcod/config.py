@@ -1,0 +1,249 @@
+"""The run configuration: one dataclass tree, read from YAML and key=value overrides, checked early."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("opcod", "sdpo")
+GATES = ("cognizance", "always", "never", "domain_selective")
+TEACHER_WEIGHTS = ("current", "ema", "initial")
+TUTOR_SNAPSHOTS = ("round_start", "latest")
+ENGINES = ("hf", "vllm")
+TUTOR_ENGINES = ("separate", "shared")
+DATA_SOURCES = ("synthetic", "sciknoweval", "jsonl")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value, named."""
+
+
+@dataclass
+class StudentConfig:
+    name: str = "student"
+    path: str = ""                      # a local Hugging Face model directory
+    domain: str = ""                    # the domain it is strong in (for tables only)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"           # synthetic | sciknoweval | jsonl
+    path: str = ""                      # sciknoweval root / HF name, or a folder of <domain>/{train,test}.jsonl
+    domains: list[str] = field(default_factory=lambda: ["chemistry", "physics"])
+    val_size: int = 16                  # per domain, carved out of train
+    test_size: int = 0                  # per domain; 0 = the whole test split
+    synthetic_train: int = 64           # per domain, synthetic source only
+    synthetic_test: int = 24
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.5
+    teacher_weights: str = "current"    # current | ema | initial
+    ema_rate: float = 0.05
+    allow_self_anchor: bool = False     # the rollout may be its own correct solution
+    max_solution_tokens: int = 1024
+    max_feedback_tokens: int = 512
+    max_nonfinite_steps: int = 3        # consecutive skipped steps before the run stops
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "hf"                    # hf (CPU, transformers) | vllm (GPU)
+    tutor: str = "separate"             # separate: a second engine holds the tutor | shared: one switches
+    bucket_mb: int = 512
+    dtype: str = "auto"                 # engine weights; auto = the trainer's compute dtype
+    gpu_memory_utilization: float = 0.35
+    max_model_len: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    dtype: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    trust_remote_code: bool = False
+    micro_batch_size: int = 8           # rollouts per forward/backward
+    max_prompt_tokens: int = 2048
+
+
+@dataclass
+class Config:
+    method: str = "opcod"
+    rounds: int = 2
+    steps_per_phase: int = 4
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 4
+    tau: float = 0.2
+    gate: str = "cognizance"
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = "default"
+    tutor_snapshot: str = "round_start"
+    save_every: int = 0                 # also checkpoint every N steps within a phase (0: phase ends only)
+    eval_k: int = 4                     # samples per problem for avg@k on test
+    val_k: int = 4                      # samples per problem for the validation scores
+    demo: bool = False                  # build the embedded demo students first (see opcod.demo)
+    students: list[StudentConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: SamplingConfig = field(default_factory=lambda: SamplingConfig(0.6, 0.95, 64))
+    feedback: SamplingConfig = field(default_factory=lambda: SamplingConfig(0.7, 0.95, 64))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+def _build(cls, data, where: str):
+    """Instantiate dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, path):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 3e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {path!r} must be a number, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"config key {path!r} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _set(tree: dict, dotted: str, value, item: str) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth + 1])
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {item!r}: {where!r} is not an existing list item")
+            if last:
+                node[int(key)] = value
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            if last:
+                node[key] = value
+            node = node[key]
+        else:
+            raise ConfigError(f"unknown config key {where!r} (in override {item!r})")
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Config from defaults, then `base`, then a YAML file, then `key=value` overrides."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = _merge(tree, loaded)
+    full = dataclasses.asdict(_build(Config, tree, ""))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _set(full, key.strip(), yaml.safe_load(raw) if raw else "", item)
+    cfg = _build(Config, full, "")
+    validate(cfg)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _choice(value, options, key):
+    if value not in options:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(options)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no files; paths are checked by the trainer before any compute."""
+    _choice(cfg.method, METHODS, "method")
+    _choice(cfg.gate, GATES, "gate")
+    _choice(cfg.tutor_snapshot, TUTOR_SNAPSHOTS, "tutor_snapshot")
+    _choice(cfg.loss.teacher_weights, TEACHER_WEIGHTS, "loss.teacher_weights")
+    _choice(cfg.engine.kind, ENGINES, "engine.kind")
+    _choice(cfg.engine.tutor, TUTOR_ENGINES, "engine.tutor")
+    _choice(cfg.data.source, DATA_SOURCES, "data.source")
+    if cfg.tau < 0:
+        raise ConfigError(f"config key 'tau' must be >= 0, got {cfg.tau}")
+    if not 0 <= cfg.loss.beta <= 1:
+        raise ConfigError(f"config key 'loss.beta' must be in [0, 1], got {cfg.loss.beta}")
+    for key in ("rounds", "steps_per_phase", "prompts_per_step", "rollouts_per_prompt", "eval_k", "val_k"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.model.micro_batch_size < 1:
+        raise ConfigError("config key 'model.micro_batch_size' must be >= 1")
+    if not cfg.demo:
+        if len(cfg.students) < 2:
+            raise ConfigError("config key 'students' needs at least two students (name, path)")
+        names = [s.name for s in cfg.students]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config key 'students': names repeat: {names}")
+        for i, s in enumerate(cfg.students):
+            if not s.path:
+                raise ConfigError(f"config key 'students.{i}.path' is empty")
+    if not cfg.data.domains:
+        raise ConfigError("config key 'data.domains' is empty")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

@@ -1,0 +1,130 @@
+"""Students: a local Hugging Face model under FSDP2, its optimizer and LR schedule, teacher copies."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from opcod_kernels import fused_linear_jsd
+
+from .prompts import check_chat_template
+
+
+def check_model_dir(path: str, key: str) -> None:
+    """Fail before any compute if `path` is not a local safetensors model directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{key}: model directory {path!r} does not exist")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {path!r} has no config.json (not a Hugging Face model directory)")
+    if not list(p.glob("*.safetensors")):
+        raise FileNotFoundError(f"{key}: {path!r} has no *.safetensors weights (only safetensors are read)")
+
+
+def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_chat_template(tok, f"{key}: the tokenizer in {path!r}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+            "float32": torch.float32}[name]
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+    attn = "sdpa"
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    # fp32 master weights; FSDP2's mixed-precision policy casts to bf16 for compute on GPU.
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                attn_implementation=attn,
+                                                trust_remote_code=trust_remote_code)
+
+
+class Student(nn.Module):
+    """A causal LM whose forward returns final hidden states at chosen positions or, given teacher
+    hidden states, the distillation loss. The loss runs inside this root module's forward so that
+    FSDP2 has gathered the lm_head weight the kernel needs, and its gradient reaches the shard."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, index, teacher_hidden=None, token_weights=None,
+                beta: float = 0.5):
+        h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        if teacher_hidden is None:
+            return h
+        weight = self.lm.get_output_embeddings().weight
+        return fused_linear_jsd(h, teacher_hidden.to(h.dtype), weight, beta=beta,
+                                token_weights=token_weights, reduction="sum")
+
+
+def shard(student: Student, device: torch.device, activation_checkpointing: bool = False) -> Student:
+    """fully_shard every decoder layer, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    student.to(device)
+    layers = student.lm.get_decoder().layers
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(student, mp_policy=mp)
+    return student
+
+
+def frozen_copy(student: Student) -> Student:
+    """A sharded copy with the same placements, without gradients (EMA or initial teacher)."""
+    twin = copy.deepcopy(student)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(teacher: Student, student: Student, rate: float) -> None:
+    """teacher <- (1 - rate) teacher + rate student, shard by shard."""
+    from torch.distributed.tensor import DTensor
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        lt = pt.to_local() if isinstance(pt, DTensor) else pt
+        ls = ps.to_local() if isinstance(ps, DTensor) else ps
+        lt.lerp_(ls.to(lt.dtype), rate)
+
+
+def make_optimizer(student: Student, lr: float, weight_decay: float, betas, warmup_steps: int):
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay,
+                            betas=tuple(betas), foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+    return opt, sched
+
+
+def move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Offload (or bring back) a student's optimizer state while the other student trains."""
+    from torch.distributed.tensor import DTensor
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, DTensor):
+                local = value.to_local()
+                if local.device != device:
+                    local.data = local.data.to(device, non_blocking=True)
+            elif torch.is_tensor(value) and value.device != device and value.dim() > 0:
+                state[key] = value.to(device, non_blocking=True)

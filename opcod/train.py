@@ -1,0 +1,482 @@
+"""torchrun -m opcod.train: On-Policy Co-Distillation (the paper's Algorithm 1) on FSDP2, with
+colocated generation engines kept in sync through bucketed weight transfers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, report
+from .config import Config, ConfigError, load_config, save_config
+from .data import Problem, load_sciknoweval, read_problems, union, validation_split
+from .engine_hf import Sampling
+from .feedback import OutcomeCounts
+from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
+from .grading import reward
+from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen_copy, load_causal_lm,
+                     load_tokenizer, make_optimizer, move_optimizer_state, shard)
+from .step import distill_backward, make_rollouts, prompt_ids, request_feedback, self_anchors, teacher_contexts
+from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params, push_weights
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m opcod.train`: a one-process group
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_domains(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]], dict[str, list[Problem]]]:
+    """(union of train splits, validation per domain, test per domain)."""
+    train, val, test = [], {}, {}
+    for domain in cfg.data.domains:
+        if cfg.data.source == "synthetic":
+            from .synthetic import splits
+            tr, te = splits(domain, cfg.data.synthetic_train + cfg.data.val_size, cfg.data.synthetic_test, cfg.seed)
+        elif cfg.data.source == "sciknoweval":
+            tr = load_sciknoweval(cfg.data.path, domain, "train")
+            te = load_sciknoweval(cfg.data.path, domain, "test")
+        else:
+            folder = Path(cfg.data.path) / domain
+            tr, te = read_problems(folder / "train.jsonl"), read_problems(folder / "test.jsonl")
+        if cfg.data.test_size:
+            te = te[:cfg.data.test_size]
+        tr, va = validation_split(tr, cfg.data.val_size, seed=cfg.seed)
+        train.append(tr)
+        val[domain], test[domain] = va, te
+    return union(*train), val, test
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+    round: int = 1
+    phase: int = 0                      # index of the tutee within the round
+    step: int = 0                       # steps done in this phase
+    global_step: int = 0
+    cursor: int = 0                     # prompts consumed from the union stream
+    nonfinite: int = 0
+    initial_test: dict | None = None
+    validation: dict | None = None      # this round's validation scores
+    rounds: list = field(default_factory=list)
+    outcomes: dict = field(default_factory=lambda: OutcomeCounts().as_dict())
+    versions: dict = field(default_factory=dict)
+    metrics_bytes: int = 0
+    finished: bool = False
+
+
+class CoDistillation:
+    """Students, teachers, engines and data of one run, and the steps of Algorithm 1."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.run_dir = cfg.run_dir
+        self.names = [s.name for s in cfg.students]
+        # -- everything that can be wrong with the inputs fails here, before any compute
+        for i, s in enumerate(cfg.students):
+            check_model_dir(s.path, f"students.{i}.path")
+        self.tokenizer = load_tokenizer(cfg.students[0].path, "students.0.path", cfg.model.trust_remote_code)
+        for i, s in enumerate(cfg.students[1:], 1):
+            if len(load_tokenizer(s.path, f"students.{i}.path", cfg.model.trust_remote_code)) != len(self.tokenizer):
+                raise ConfigError(f"students.{i}.path: its tokenizer differs from students.0's")
+        if cfg.prompts_per_step % self.world:
+            raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible "
+                              f"by the number of processes ({self.world})")
+        self.train_set, self.val, self.test = load_domains(cfg)
+        self.dtype = compute_dtype(cfg.model.dtype, self.device)
+        self.progress = Progress(versions={n: 0 for n in self.names})
+        self._prompt_cache: dict[str, list[int]] = {}
+
+        # -- students under FSDP2, their optimizers, and teacher copies when not `current`
+        self.students, self.optims, self.teachers, self.snapshots = {}, {}, {}, {}
+        for s in cfg.students:
+            torch.manual_seed(cfg.seed)
+            student = shard(Student(load_causal_lm(s.path, cfg.model.trust_remote_code)), self.device,
+                            cfg.model.activation_checkpointing)
+            self.students[s.name] = student
+            self.optims[s.name] = make_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay,
+                                                 cfg.optim.betas, cfg.optim.warmup_steps)
+            if cfg.loss.teacher_weights != "current":
+                self.teachers[s.name] = frozen_copy(student)
+
+        # -- colocated engines: one for rollouts, one for the tutor (or one shared)
+        first = self.students[self.names[0]]
+        engine_dtype = self.dtype if cfg.engine.dtype == "auto" else compute_dtype(cfg.engine.dtype, self.device)
+        bucket = bucket_bytes_for(first, cfg.engine.bucket_mb, engine_dtype)
+        needs_tutor = cfg.method == "opcod"
+        self.engines = {"rollout": self._make_engine(bucket, engine_dtype)}
+        self.engines["tutor"] = (self._make_engine(bucket, engine_dtype)
+                                 if needs_tutor and cfg.engine.tutor == "separate" else self.engines["rollout"])
+        self.held: dict[int, tuple] = {}
+
+    def _make_engine(self, bucket: int, dtype: torch.dtype):
+        path = self.cfg.students[0].path  # all students share the architecture; weights are synced in
+        eos = [self.tokenizer.eos_token_id]
+        if self.cfg.engine.kind == "vllm":
+            from .engine_vllm import VLLMEngine
+            return VLLMEngine(path, bucket, dtype, self.cfg.seed + self.rank,
+                              self.cfg.engine.gpu_memory_utilization, self.cfg.engine.max_model_len,
+                              self.cfg.model.trust_remote_code)
+        from .engine_hf import HFEngine
+        return HFEngine(path, bucket, dtype, self.tokenizer.pad_token_id, eos, self.cfg.model.trust_remote_code)
+
+    def close(self) -> None:
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            engine.close()
+
+    # ------------------------------------------------------------------------- engines
+
+    def ensure(self, role: str, name: str, snapshot: bool = False) -> SyncStats | None:
+        """Make the `role` engine hold student `name` (its latest weights, or its round snapshot)."""
+        engine = self.engines[role]
+        key = ("snapshot", name, self.progress.round) if snapshot else (name, self.progress.versions[name])
+        if self.held.get(id(engine)) == key:
+            return None
+        if snapshot:
+            named = ((hf_name(k, "lm."), v.full_tensor() if hasattr(v, "full_tensor") else v)
+                     for k, v in self.snapshots[name].items())
+        else:
+            named = iter_full_params(self.students[name], strip="lm.")
+        stats = push_weights(named, engine)
+        self.held[id(engine)] = key
+        return stats
+
+    def sampling(self, which) -> Sampling:
+        return Sampling(which.temperature, which.top_p, which.max_new_tokens)
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        if problem.id not in self._prompt_cache:
+            self._prompt_cache[problem.id] = prompt_ids(self.tokenizer, problem)
+        return self._prompt_cache[problem.id]
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, name: str, problems: dict[str, list[Problem]], k: int, tag: int) -> dict[str, float]:
+        """avg@k of student `name` per domain (evaluation sampling), problems sharded over ranks."""
+        self.ensure("rollout", name)
+        scores = {}
+        for d_index, (domain, probs) in enumerate(sorted(problems.items())):
+            mine = probs[self.rank::self.world]
+            prompts = [self.prompt_ids(p) for p in mine for _ in range(k)]
+            outs = self.engines["rollout"].generate(
+                prompts, self.sampling(self.cfg.evaluation),
+                seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
+            per_problem = [sum(reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
+                               for o in outs[i * k:(i + 1) * k]) / k for i, p in enumerate(mine)]
+            total, count = all_sum([sum(per_problem), len(per_problem)], self.device)
+            scores[domain] = total / count if count else 0.0
+        return scores
+
+    def evaluate_all(self, split: str, tag: int) -> dict[str, dict[str, float]]:
+        problems, k = (self.val, self.cfg.val_k) if split == "validation" else (self.test, self.cfg.eval_k)
+        scores = {n: self.evaluate(n, problems, k, tag) for n in self.names}
+        self.log_metrics({"kind": split, "round": self.progress.round, "scores": scores})
+        return scores
+
+    # ------------------------------------------------------------------------- one step
+
+    def next_prompts(self) -> list[Problem]:
+        """This rank's share of the next prompts_per_step problems of the union stream."""
+        n, out = len(self.train_set), []
+        for i in range(self.progress.cursor, self.progress.cursor + self.cfg.prompts_per_step):
+            epoch, pos = divmod(i, n)
+            order = random.Random(seed_for(self.cfg.seed, 7, epoch)).sample(range(n), n)
+            out.append(self.train_set[order[pos]])
+        self.progress.cursor += self.cfg.prompts_per_step
+        return out[self.rank::self.world]
+
+    def step(self, tutee: str, tutor: str) -> dict:
+        cfg, p = self.cfg, self.progress
+        t0 = time.perf_counter()
+        student = self.students[tutee]
+        opt, sched = self.optims[tutee]
+        n = cfg.rollouts_per_prompt
+        seed = seed_for(cfg.seed, p.round, p.phase, p.step, self.rank)
+
+        # 1. n on-policy rollouts per prompt from the tutee, graded
+        problems = self.next_prompts()
+        ids = [self.prompt_ids(q) for q in problems]
+        self.ensure("rollout", tutee)
+        responses = self.engines["rollout"].generate([i for i in ids for _ in range(n)],
+                                                     self.sampling(cfg.rollout), seed)
+        rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer)
+        for g in range(len(problems)):
+            self_anchors(rollouts[g * n:(g + 1) * n], cfg.loss.allow_self_anchor)
+        t_gen = time.perf_counter()
+
+        # 2. gated tutor feedback, anchored and sanitized
+        outcomes = OutcomeCounts()
+        gate_open = False
+        if cfg.method == "opcod":
+            def allowed(r):
+                return feedback_allowed(cfg.gate, tutor, r.problem.domain, p.validation, cfg.tau)
+            gate_open = any(feedback_allowed(cfg.gate, tutor, d, p.validation, cfg.tau) for d in cfg.data.domains)
+            if gate_open:
+                self.ensure("tutor", tutor, snapshot=cfg.tutor_snapshot == "round_start")
+                tutor_seed = seed_for(seed, 1)
+                outcomes = request_feedback(rollouts, allowed, lambda prompts: self.engines["tutor"].generate(
+                    prompts, self.sampling(cfg.feedback), tutor_seed), self.tokenizer)
+            if self.engines["tutor"] is self.engines["rollout"]:
+                self.ensure("rollout", tutee)  # a shared engine switches back before the next use
+        t_fb = time.perf_counter()
+
+        # 3. self-teacher contexts and the distillation loss
+        teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+        for engine in self.engines.values():
+            engine.sleep()
+        tokens = torch.tensor(float(sum(len(r.response_ids) for r in rollouts)), device=self.device)
+        dist.all_reduce(tokens)
+        teacher = self.teachers.get(tutee, student)
+        loss = distill_backward(student, teacher, rollouts, cfg.model.micro_batch_size,
+                                self.tokenizer.pad_token_id, self.device, cfg.loss.beta, tokens.clamp_min(1))
+        dist.all_reduce(loss)
+        finite = bool(torch.isfinite(loss))
+        grad_norm = float("nan")
+        if finite:
+            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip, foreach=True)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            opt.step()
+            sched.step()
+            if cfg.loss.teacher_weights == "ema":
+                ema_update(self.teachers[tutee], student, cfg.loss.ema_rate)
+            p.versions[tutee] += 1
+            p.nonfinite = 0
+        else:
+            p.nonfinite += 1
+        opt.zero_grad(set_to_none=True)
+        t_bwd = time.perf_counter()
+
+        # 4. push the new weights to the rollout engine
+        stats = self.ensure("rollout", tutee) if finite else None
+        t_sync = time.perf_counter()
+
+        rewards, with_teacher, count = all_sum([sum(r.reward for r in rollouts),
+                                                sum(r.has_teacher for r in rollouts), len(rollouts)], self.device)
+        outcomes = outcomes.all_reduce()
+        for k, v in outcomes.as_dict().items():
+            p.outcomes[k] += v
+        return {"kind": "step", "round": p.round, "phase": p.phase, "tutee": tutee, "tutor": tutor,
+                "step": p.global_step + 1, "step_in_phase": p.step + 1, "loss": float(loss),
+                "skipped": not finite, "reward_mean": rewards / count, "teacher_fraction": with_teacher / count,
+                "feedback": outcomes.as_dict(), "gate_open": gate_open, "grad_norm": grad_norm,
+                "lr": sched.get_last_lr()[0],
+                "sync_gb_s": stats.gb_per_s if stats else None, "sync_bytes": stats.bytes if stats else 0,
+                "times": {"generate": t_gen - t0, "feedback": t_fb - t_gen, "fwd_bwd": t_bwd - t_fb,
+                          "sync": t_sync - t_bwd, "step": t_sync - t0}}
+
+    # ------------------------------------------------------------------------- persistence
+
+    def log_metrics(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.progress.metrics_bytes = (self.run_dir / "metrics.jsonl").stat().st_size
+
+    def _persisted(self):
+        modules = {f"student.{n}": m for n, m in self.students.items()}
+        modules.update({f"teacher.{n}": m for n, m in self.teachers.items()})
+        optims = {n: (self.students[n], self.optims[n][0]) for n in self.names}
+        tensors = {n: dict(snap) for n, snap in self.snapshots.items()}
+        return modules, optims, tensors
+
+    def save(self, tag: str) -> None:
+        modules, optims, tensors = self._persisted()
+        state = {"progress": self.progress.__dict__,
+                 "schedulers": {n: self.optims[n][1].state_dict() for n in self.names},
+                 "snapshot_names": sorted(self.snapshots)}
+        checkpoint.save(self.run_dir / "checkpoints", tag, modules, optims, tensors, state)
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = json.loads((path / "train_state.json").read_text())
+        for n in state["snapshot_names"]:  # placeholders with the right placements to load into
+            self.snapshots[n] = self.take_snapshot(n)
+        modules, optims, tensors = self._persisted()
+        checkpoint.load(path, modules, optims, tensors)
+        for n in self.names:
+            self.optims[n][1].load_state_dict(state["schedulers"][n])
+        self.progress = Progress(**state["progress"])
+        if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
+            with open(self.run_dir / "metrics.jsonl", "r+b") as f:  # drop lines after the checkpoint
+                f.truncate(self.progress.metrics_bytes)
+        log(f"resumed from {path} (round {self.progress.round}, phase {self.progress.phase}, "
+            f"step {self.progress.step})")
+        return True
+
+    def take_snapshot(self, name: str) -> dict:
+        return {k: v.detach().clone() for k, v in self.students[name].named_parameters()}
+
+    def export(self, name: str) -> None:
+        checkpoint.export_hf(self.students[name], self.tokenizer, self.run_dir / "students" / name)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+
+def train(cfg: Config) -> dict | None:
+    last = checkpoint.latest(cfg.run_dir / "checkpoints")
+    if last is not None and json.loads((last / "train_state.json").read_text())["progress"]["finished"]:
+        log(f"{cfg.run_dir} is finished already; summary: {cfg.run_dir / 'summary.json'}")
+        return json.loads((cfg.run_dir / "summary.json").read_text())
+    run = CoDistillation(cfg)
+    try:
+        return _train(run)
+    finally:
+        run.close()
+
+
+def _train(run: CoDistillation) -> dict | None:
+    cfg, p = run.cfg, run.progress
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if run.resume():
+        p = run.progress
+    else:
+        if run.rank == 0:
+            save_config(cfg, run.run_dir / "config.yaml")
+            (run.run_dir / "metrics.jsonl").write_text("")
+        p.initial_test = run.evaluate_all("test", tag=0)
+    S, K = len(run.names), cfg.steps_per_phase
+    bar = None
+    if run.rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.rounds * S * K, initial=p.global_step, desc="opcod", unit="step")
+
+    while p.round <= cfg.rounds:
+        if p.phase == 0 and p.step == 0:
+            # Round start: validation scores, cognizance gaps, tutor snapshots.
+            p.validation = run.evaluate_all("validation", tag=p.round)
+            gaps, aware = cognizance_gaps(p.validation), cognizant(p.validation, cfg.tau)
+            p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware})
+            log(f"round {p.round}: " + ", ".join(f"{n} gap {gaps[n]:.3f} ({'cognizant' if aware[n] else 'incognizant'})"
+                                                 for n in run.names))
+            if cfg.method == "opcod" and cfg.tutor_snapshot == "round_start":
+                run.snapshots = {n: run.take_snapshot(n) for n in run.names}
+        while p.phase < S:
+            tutee = run.names[p.phase]
+            tutor = tutor_for(run.names, tutee, p.round)
+            for other in run.names:  # only the tutee's optimizer state stays on the device
+                move_optimizer_state(run.optims[other][0], run.device if other == tutee else torch.device("cpu"))
+            while p.step < K:
+                record = run.step(tutee, tutor)
+                p.step += 1
+                p.global_step += 1
+                run.log_metrics(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.2f}")
+                if record["skipped"]:
+                    log(f"step {p.global_step}: non-finite loss, step skipped")
+                    if p.nonfinite >= cfg.loss.max_nonfinite_steps:
+                        raise RuntimeError(f"{p.nonfinite} consecutive non-finite losses (last at step "
+                                           f"{p.global_step}); stopping. The last checkpoint is kept in "
+                                           f"{run.run_dir / 'checkpoints'}")
+                if cfg.save_every and p.step % cfg.save_every == 0 and p.step < K:
+                    run.save(f"step-{p.global_step:06d}")
+            run.export(tutee)
+            p.phase, p.step = p.phase + 1, 0
+            run.save(f"step-{p.global_step:06d}")
+        p.round, p.phase = p.round + 1, 0
+    if bar is not None:
+        bar.close()
+
+    final_validation = run.evaluate_all("validation", tag=cfg.rounds + 1)
+    final_test = run.evaluate_all("test", tag=10_000)
+    data = report.summary(p.initial_test, final_test, p.rounds, p.outcomes)
+    p.finished = True
+    if run.rank == 0:
+        report.write_summary(run.run_dir, data)
+        report.plot_validation(run.run_dir, p.rounds, final_validation)
+    run.save(f"step-{p.global_step:06d}-final")
+    log(report.table(data))
+    return data
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="torchrun -m opcod.train", description=__doc__)
+    ap.add_argument("--config", help="a YAML config (default: the embedded CPU demo)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 rounds=2")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config or str(DEFAULT_CONFIG), args.overrides)
+    except ConfigError as exc:
+        print(f"opcod.train: {exc}", file=sys.stderr)
+        return 2
+    quiet_transformers()
+    init_distributed()
+    try:
+        if cfg.demo:
+            from .demo import prepare
+            cfg = prepare(cfg)
+        train(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"opcod.train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
