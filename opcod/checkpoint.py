@@ -82,20 +82,38 @@ def load(path: Path, modules: dict, optimizers: dict, tensors: dict) -> dict:
     return json.loads((path / "train_state.json").read_text())
 
 
-def export_hf(student, tokenizer, out_dir: Path) -> None:
-    """The student in Hugging Face format (safetensors, config, tokenizer with chat template),
-    gathered to rank 0 and written under a temporary name first."""
+def save_hf(out_dir: Path, config, state_dict: dict, tokenizer, generation_config=None) -> None:
+    """A Hugging Face model directory (safetensors, config, tokenizer + chat template), written
+    under a temporary name first; a tied lm_head is stored once, as transformers expects."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if getattr(config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def export_hf(student, tokenizer, out_dir: Path, transform=None) -> None:
+    """The student in Hugging Face format, gathered to rank 0 (`transform` may rewrite the state
+    dict there, e.g. to merge LoRA adapters)."""
     sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank0():
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}
+        if transform is not None:
+            sd = transform(sd)
         # Keep the dtype the model was released in (bf16 for Qwen3), not the fp32 master copy.
         dtype = getattr(student.lm.config, "dtype", None)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        sd = {k.removeprefix("lm."): v.to(dtype) if dtype is not None and v.is_floating_point() else v
-              for k, v in sd.items()}
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        save_hf(out_dir, student.lm.config, sd, tokenizer, getattr(student.lm, "generation_config", None))
     _barrier()

@@ -118,6 +118,23 @@ class Config:
         return Path(self.output_dir) / self.run_name
 
 
+@dataclass
+class SFTConfig:
+    """torchrun -m opcod.sft: supervised fine-tuning on (messages, response) records."""
+    model: str = ""                     # base model directory (Hugging Face, safetensors)
+    output: str = ""                    # where the fine-tuned model is written (HF format, LoRA merged)
+    data: str = ""                      # JSON lines: {"messages": [...], "response": "..."}
+    epochs: int = 3
+    batch_size: int = 16                # sequences per optimizer step, over all ranks
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    lora_rank: int = 8                  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    max_tokens: int = 2048
+    seed: int = 0
+
+
 def _build(cls, data, where: str):
     """Instantiate dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, dict):
@@ -175,8 +192,9 @@ def _set(tree: dict, dotted: str, value, item: str) -> None:
             raise ConfigError(f"unknown config key {where!r} (in override {item!r})")
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None, cls=None):
     """Config from defaults, then `base`, then a YAML file, then `key=value` overrides."""
+    cls = cls or Config
     tree: dict = dict(base or {})
     if path is not None:
         try:
@@ -189,14 +207,14 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = _merge(tree, loaded)
-    full = dataclasses.asdict(_build(Config, tree, ""))
+    full = dataclasses.asdict(_build(cls, tree, ""))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         _set(full, key.strip(), yaml.safe_load(raw) if raw else "", item)
-    cfg = _build(Config, full, "")
-    validate(cfg)
+    cfg = _build(cls, full, "")
+    (validate if cls is Config else validate_sft)(cfg)
     return cfg
 
 
@@ -243,7 +261,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.domains' is empty")
 
 
-def save_config(cfg: Config, path: Path) -> None:
+def validate_sft(cfg: SFTConfig) -> None:
+    for key in ("model", "output", "data"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"config key {key!r} is required")
+    for key in ("epochs", "batch_size", "max_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"config key 'lora_rank' must be >= 0, got {cfg.lora_rank}")
+
+
+def save_config(cfg, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

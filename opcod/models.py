@@ -64,12 +64,15 @@ class Student(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, index, teacher_hidden=None, token_weights=None,
-                beta: float = 0.5):
+                beta: float = 0.5, targets=None):
         h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        weight = self.lm.get_output_embeddings().weight
+        if targets is not None:  # SFT: summed cross-entropy, logits of the selected positions only
+            logits = (h @ weight.T).float()
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         if teacher_hidden is None:
             return h
-        weight = self.lm.get_output_embeddings().weight
         return fused_linear_jsd(h, teacher_hidden.to(h.dtype), weight, beta=beta,
                                 token_weights=token_weights, reduction="sum")
 

@@ -118,6 +118,13 @@ def distill_backward(student, teacher, rollouts: Sequence[Rollout], micro_batch:
             h_t = teacher(t_ids, t_mask, t_index)
         loss = student(s_ids, s_mask, s_index, teacher_hidden=h_t, token_weights=weights, beta=beta)
         loss = loss / total_tokens
-        loss.backward()
+        # FSDP2 averages gradients over ranks; the loss is already normalised globally, so the
+        # backward pass scales by the world size to make the reduction a sum.
+        (loss * world_size()).backward()
         total += loss.detach()
     return total
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1

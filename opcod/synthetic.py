@@ -76,7 +76,9 @@ def _solution(reasoning: str, letter: str) -> str:
 def _symbol_to_name(rng):
     sym, name, z, _ = rng.choice(ELEMENTS)
     options, ans = _mcq(rng, name, [e[1] for e in ELEMENTS])
-    return (f"Which element has the chemical symbol {sym}?", options, ans,
+    return (rng.choice([f"Which element has the chemical symbol {sym}?",
+                        f"The chemical symbol {sym} denotes which element?",
+                        f"Name the element whose chemical symbol is {sym}."]), options, ans,
             f"The chemical symbol {sym} stands for {name}, atomic number {z}.",
             f"chemical symbol {sym}",
             f"The attempt matched the chemical symbol {sym} to the wrong element. Recall which element "
@@ -86,7 +88,9 @@ def _symbol_to_name(rng):
 def _name_to_symbol(rng):
     sym, name, z, _ = rng.choice(ELEMENTS)
     options, ans = _mcq(rng, sym, [e[0] for e in ELEMENTS])
-    return (f"What is the chemical symbol of {name}?", options, ans,
+    return (rng.choice([f"What is the chemical symbol of {name}?",
+                        f"Which chemical symbol stands for {name}?",
+                        f"In the periodic table, {name} is written with which chemical symbol?"]), options, ans,
             f"{name.capitalize()} (atomic number {z}) has the chemical symbol {sym}.",
             f"chemical symbol of {name}",
             f"The attempt gave the symbol of a different element than {name}. Think about which one- or "
@@ -97,7 +101,9 @@ def _atomic_number(rng):
     sym, name, z, _ = rng.choice(ELEMENTS)
     wrong = [str(v) for v in (z - 2, z - 1, z + 1, z + 2, z + 3) if v > 0]
     options, ans = _mcq(rng, str(z), wrong)
-    return (f"What is the atomic number of {name}?", options, ans,
+    return (rng.choice([f"What is the atomic number of {name}?",
+                        f"How many protons does one atom of {name} have (its atomic number)?",
+                        f"Which atomic number belongs to {name}?"]), options, ans,
             f"{name.capitalize()} ({sym}) has {z} protons, so its atomic number is {z}.",
             f"atomic number of {name}",
             f"The attempt was off by a few places in the periodic table. The atomic number counts the "
@@ -113,7 +119,9 @@ def _molar_mass(rng):
              m - min(MASS[s] for s in comp) / 2, m * 1.5, m + 2.02, m - 1.01, m + 16.00}
     distractors = [f"{v:.2f} g/mol" for v in sorted(slips) if abs(v - m) > 0.5 and v > 0]
     options, ans = _mcq(rng, f"{m:.2f} g/mol", distractors)
-    return (f"What is the molar mass of {formula} ({common})?", options, ans,
+    return (rng.choice([f"What is the molar mass of {formula} ({common})?",
+                        f"Calculate the molar mass of {common}, {formula}.",
+                        f"One mole of {formula} ({common}) has what molar mass?"]), options, ans,
             f"Add the atomic masses in {formula}: {terms} = {m:.2f} g/mol.",
             f"molar mass of {formula}",
             f"The attempt did not weight each atomic mass by its subscript in {formula}. Multiply each "
@@ -123,7 +131,9 @@ def _molar_mass(rng):
 def _si_unit(rng):
     quantity, unit, symbol = rng.choice(QUANTITIES)
     options, ans = _mcq(rng, unit, [q[1] for q in QUANTITIES])
-    return (f"What is the SI unit of {quantity}?", options, ans,
+    return (rng.choice([f"What is the SI unit of {quantity}?",
+                        f"In SI units, {quantity} is measured in which unit?",
+                        f"Which SI unit is used for {quantity}?"]), options, ans,
             f"In the SI system, {quantity} is measured in the {unit} ({symbol}).",
             f"SI unit of {quantity}",
             f"The attempt picked the unit of a different quantity. Recall how {quantity} is defined and "
@@ -133,7 +143,9 @@ def _si_unit(rng):
 def _unit_symbol(rng):
     quantity, unit, symbol = rng.choice(QUANTITIES)
     options, ans = _mcq(rng, quantity, [q[0] for q in QUANTITIES])
-    return (f"Which physical quantity is measured in the SI unit {unit} ({symbol})?", options, ans,
+    return (rng.choice([f"Which physical quantity is measured in the SI unit {unit} ({symbol})?",
+                        f"The SI unit {unit} ({symbol}) measures which physical quantity?",
+                        f"What does the SI unit {unit} ({symbol}) quantify?"]), options, ans,
             f"The {unit} ({symbol}) is the SI unit of {quantity}.",
             f"SI unit {unit}",
             f"The attempt linked the {unit} to the wrong quantity. Recall what the {unit} is defined to "
@@ -144,11 +156,42 @@ def _conversion(rng):
     big, small, factor = rng.choice(CONVERSIONS)
     wrong = [str(v) for v in {factor * 10, factor // 10 or 1, 60, 100, 1000, 3600, 24, 10} if v != factor]
     options, ans = _mcq(rng, str(factor), wrong)
-    return (f"How many {small} are in one {big}?", options, ans,
+    return (rng.choice([f"How many {small} are in one {big}?",
+                        f"One {big} equals how many {small}?",
+                        f"Convert one {big} into {small}."]), options, ans,
             f"One {big} equals {factor} {small}.",
             f"{small} in one {big}",
             f"The attempt used the wrong conversion factor between {big} and {small}. Recall the "
             f"definition of the {big} in {small} and check the power of ten or time base.")
+
+
+# (constant, approximate value with unit, distractor values)
+CONSTANTS = [
+    ("the speed of light in vacuum", "3.0 x 10^8 m/s", ["3.0 x 10^6 m/s", "3.4 x 10^2 m/s", "9.8 x 10^8 m/s"]),
+    ("the acceleration due to gravity at Earth's surface", "9.8 m/s^2", ["6.7 m/s^2", "3.0 m/s^2", "1.6 m/s^2"]),
+    ("the speed of sound in air at 20 C", "343 m/s", ["34.3 m/s", "3430 m/s", "1500 m/s"]),
+    ("the elementary charge", "1.6 x 10^-19 C", ["9.1 x 10^-31 C", "6.6 x 10^-34 C", "1.6 x 10^-27 C"]),
+    ("Planck's constant", "6.6 x 10^-34 J s", ["6.0 x 10^23 J s", "1.4 x 10^-23 J s", "6.7 x 10^-11 J s"]),
+    ("Avogadro's number", "6.0 x 10^23 per mole", ["6.6 x 10^23 per mole", "1.6 x 10^19 per mole", "3.0 x 10^8 per mole"]),
+    ("the Boltzmann constant", "1.4 x 10^-23 J/K", ["8.3 x 10^-23 J/K", "6.6 x 10^-34 J/K", "1.6 x 10^-19 J/K"]),
+    ("the gravitational constant", "6.7 x 10^-11 N m^2/kg^2", ["9.8 x 10^-11 N m^2/kg^2", "6.7 x 10^-34 N m^2/kg^2", "8.9 x 10^9 N m^2/kg^2"]),
+    ("the mass of an electron", "9.1 x 10^-31 kg", ["1.7 x 10^-27 kg", "9.1 x 10^-19 kg", "1.6 x 10^-31 kg"]),
+    ("the mass of a proton", "1.7 x 10^-27 kg", ["9.1 x 10^-31 kg", "1.7 x 10^-19 kg", "6.7 x 10^-27 kg"]),
+    ("standard atmospheric pressure", "101 kPa", ["10.1 kPa", "1013 kPa", "76 kPa"]),
+    ("the freezing point of water", "273 K", ["0 K", "373 K", "32 K"]),
+]
+
+
+def _constant(rng):
+    name, value, wrong = rng.choice(CONSTANTS)
+    options, ans = _mcq(rng, value, wrong)
+    return (rng.choice([f"What is the approximate value of {name}?",
+                        f"Which value is closest to {name}?",
+                        f"Approximately, {name} equals which value?"]), options, ans,
+            f"The value of {name} is about {value}.",
+            name.removeprefix("the "),
+            f"The attempt used the wrong value for {name.removeprefix('the ')}. Recall the order of magnitude and "
+            f"the unit of this constant before comparing the options.")
 
 
 def _speed_from_rest(rng):
@@ -166,7 +209,7 @@ def _speed_from_rest(rng):
 
 FAMILIES: dict[str, list[Callable]] = {
     "chemistry": [_symbol_to_name, _name_to_symbol, _atomic_number, _molar_mass],
-    "physics": [_si_unit, _unit_symbol, _conversion, _speed_from_rest],
+    "physics": [_si_unit, _unit_symbol, _conversion, _constant, _speed_from_rest],
 }
 SYNTHETIC_DOMAINS = tuple(FAMILIES)
 

@@ -54,23 +54,30 @@ def _recompute(p):
     by_sym = {e[0]: e for e in synthetic.ELEMENTS}
     by_name = {e[1]: e for e in synthetic.ELEMENTS}
     if fam == "symbol_to_name":
-        return by_sym[re.search(r"symbol (\w+)\?", q).group(1)][1]
+        return by_sym[re.search(r"symbol (?:is )?(\w+)[ ?.]", q).group(1)][1]
     if fam == "name_to_symbol":
-        return by_name[re.search(r"symbol of (\w+)\?", q).group(1)][0]
+        return by_name[re.search(r"(?:symbol of|stands for|table,) (\w+)", q).group(1)][0]
     if fam == "atomic_number":
-        return str(by_name[re.search(r"number of (\w+)\?", q).group(1)][2])
+        return str(by_name[re.search(r"(?:number of|atom of|belongs to) (\w+)", q).group(1)][2])
     if fam == "molar_mass":
-        formula = re.search(r"mass of (\w+) ", q).group(1)
+        formula = re.search(r"\b((?:[A-Z][a-z]?\d*)+)\b", q.replace("SI", "")).group(1)
         total = sum(dict((e[0], e[3]) for e in synthetic.ELEMENTS)[s] * int(n or 1)
                     for s, n in re.findall(r"([A-Z][a-z]?)(\d*)", formula))
         return f"{total:.2f} g/mol"
     if fam == "si_unit":
-        return {qq: u for qq, u, _ in synthetic.QUANTITIES}[re.search(r"unit of (.+)\?", q).group(1)]
+        quantity = re.search(r"(?:unit of (.+)\?|SI units, (.+) is measured|used for (.+)\?)", q)
+        return {qq: u for qq, u, _ in synthetic.QUANTITIES}[next(g for g in quantity.groups() if g)]
     if fam == "unit_symbol":
-        return {u: qq for qq, u, _ in synthetic.QUANTITIES}[re.search(r"SI unit (\w+) ", q).group(1)]
+        return {u: qq for qq, u, _ in synthetic.QUANTITIES}[re.search(r"SI unit (\w+) \(", q).group(1)]
     if fam == "conversion":
-        small, big = re.search(r"How many (.+) are in one (.+)\?", q).groups()
-        return str({(b, s): f for b, s, f in synthetic.CONVERSIONS}[(big, small)])
+        m = (re.search(r"How many (.+) are in one (.+)\?", q) or re.search(r"One (.+) equals how many (.+)\?", q)
+             or re.search(r"Convert one (.+) into (.+)\.", q))
+        a, b = m.groups()
+        big, small = (b, a) if q.startswith("How many") else (a, b)
+        return str({(bb, ss): f for bb, ss, f in synthetic.CONVERSIONS}[(big, small)])
+    if fam == "constant":
+        name = re.search(r"(?:value of|closest to|Approximately,) (.+?)(?:\?| equals)", q).group(1)
+        return {n: v for n, v, _ in synthetic.CONSTANTS}[name]
     if fam == "speed_from_rest":
         a, t = map(int, re.search(r"at (\d+) m/s\^2.*after (\d+) s", q).groups())
         return f"{a * t} m/s"
@@ -79,10 +86,10 @@ def _recompute(p):
 
 @pytest.mark.parametrize("domain", synthetic.SYNTHETIC_DOMAINS)
 def test_synthetic_answers_verified_by_recomputation(domain):
-    problems = synthetic.generate(domain, 80, seed=1)
-    assert len({p.question for p in problems}) == 80
+    problems = synthetic.generate(domain, 150, seed=1)
+    assert len({p.question for p in problems}) == 150
     families = {p.meta["family"] for p in problems}
-    assert len(families) == 4
+    assert len(families) == len(synthetic.FAMILIES[domain])
     rng = random.Random(0)
     for p in problems:
         labels = [label for label, _ in p.options]

@@ -1,0 +1,89 @@
+"""The embedded default's students: a tiny Qwen3-architecture base trained on both synthetic
+domains (worked solutions and tutor feedback), then one SFT student per domain; built on first use
+and cached, so later runs start at once."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from . import prompts
+from .config import Config, SFTConfig, StudentConfig
+from .sft import run_sft
+from .synthetic import wrong_attempt
+from .tiny import build_tokenizer, create_model_dir, tiny_config
+
+VERSION = "v1"
+BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=1024)
+BASE_SFT = dict(epochs=6, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OPCOD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "opcod")
+    return Path(root) / f"demo-{VERSION}"
+
+
+def records(problems, seed: int) -> list[dict]:
+    """Both roles on each problem: the student's worked solution and the tutor's feedback on a
+    wrong attempt (so the same model can later act as tutor)."""
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        out.append({"messages": prompts.messages(p.prompt), "response": p.solution})
+        out.append({"messages": prompts.tutor_messages(p.prompt, wrong_attempt(p, rng)),
+                    "response": p.meta["feedback"]})
+    return out
+
+
+def _write(path: Path, recs: list[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def prepare(cfg: Config) -> Config:
+    """cfg with its students set to the demo students, building them if the cache lacks them."""
+    from .train import load_domains
+    root = cache_dir()
+    domains = cfg.data.domains
+    names = [f"{d[:4]}_student" for d in domains]
+    paths = [root / n for n in names]
+    students = [StudentConfig(n, str(p), d) for n, p, d in zip(names, paths, domains)]
+    if all((p / "model.safetensors").is_file() for p in paths):
+        return dataclasses.replace(cfg, students=students)
+
+    rank = dist.get_rank()
+    start = time.perf_counter()
+    train_set, _, _ = load_domains(cfg)  # the same train split the run will use: no val/test leak
+    by_domain = {d: [p for p in train_set if p.domain == d] for d in domains}
+    if rank == 0:
+        print(f"building the demo students in {root} (first run only)", flush=True)
+        root.mkdir(parents=True, exist_ok=True)
+        corpus = [json.dumps(r) for r in records(train_set, cfg.seed)]
+        tok = build_tokenizer(corpus, vocab_size=BASE["vocab"])
+        create_model_dir(root / "init", tok, tiny_config(len(tok), BASE["hidden"], BASE["layers"], BASE["heads"],
+                                                         BASE["kv_heads"], BASE["intermediate"]), seed=cfg.seed)
+        _write(root / "base.jsonl", records(train_set, cfg.seed))
+        for d in domains:
+            _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1))
+    dist.barrier()
+    run_sft(SFTConfig(model=str(root / "init"), output=str(root / "base"), data=str(root / "base.jsonl"),
+                      seed=cfg.seed, **BASE_SFT), log=_log)
+    for s, d in zip(students, domains):
+        run_sft(SFTConfig(model=str(root / "base"), output=s.path, data=str(root / f"{d}.jsonl"),
+                          seed=cfg.seed, **DOMAIN_SFT), log=_log)
+    _log(f"demo students ready in {time.perf_counter() - start:.0f} s")
+    return dataclasses.replace(cfg, students=students)
+
+
+def _log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)

@@ -1,0 +1,130 @@
+"""torchrun -m opcod.sft: supervised fine-tuning (full or LoRA) on response tokens, on FSDP2."""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import prompts
+from .checkpoint import export_hf
+from .config import ConfigError, SFTConfig, load_config, save_config
+from .data import DataError, read_jsonl
+from .lora import apply_lora, merge_state_dict
+from .models import Student, check_model_dir, load_causal_lm, load_tokenizer, shard
+from .step import pack
+
+
+def read_records(path: str) -> list[dict]:
+    """{"messages": [{"role", "content"}...], "response": str} per line; bad lines are named."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data: {path!r} does not exist")
+    out = []
+    for lineno, rec in read_jsonl(path):
+        msgs, resp = rec.get("messages"), rec.get("response")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                         for m in msgs)):
+            raise DataError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects")
+        if not isinstance(resp, str) or not resp:
+            raise DataError(f"{path}:{lineno}: 'response' must be a non-empty string")
+        out.append(rec)
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def encode(records: list[dict], tokenizer, max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + eos); the response is cut to fit, never the templated prompt."""
+    out = []
+    for rec in records:
+        p = tokenizer.encode(prompts.render(tokenizer, rec["messages"]), add_special_tokens=False)
+        r = tokenizer.encode(rec["response"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        room = max_tokens - len(p)
+        if room > 0:
+            out.append((p, r[:room]))
+    return out
+
+
+def run_sft(cfg: SFTConfig, log=print) -> Path:
+    """Fine-tune cfg.model on cfg.data and write cfg.output; runs inside an initialised process group."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    check_model_dir(cfg.model, "model")
+    tokenizer = load_tokenizer(cfg.model, "model")
+    examples = encode(read_records(cfg.data), tokenizer, cfg.max_tokens)
+    if cfg.batch_size % world:
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {world} processes")
+
+    torch.manual_seed(cfg.seed)
+    lm = load_causal_lm(cfg.model)
+    if cfg.lora_rank:
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        apply_lora(lm.get_decoder().layers, cfg.lora_rank, cfg.lora_alpha)
+    student = shard(Student(lm), device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    step = 0
+    for epoch in range(cfg.epochs):
+        order = random.Random(cfg.seed * 1000 + epoch).sample(range(len(examples)), len(examples))
+        running = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = [examples[i] for i in order[start:start + cfg.batch_size]]
+            mine = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
+            weight = 1.0 if batch[rank::world] else 0.0
+            ids, mask, index = pack(mine, tokenizer.pad_token_id, device)
+            targets = torch.tensor([t for _, r in mine for t in r], device=device)
+            tokens = torch.tensor(float(sum(len(r) for _, r in batch)), device=device)
+            loss = student(ids, mask, index, targets=targets) * weight / tokens
+            (loss * world).backward()  # FSDP2 averages over ranks; the loss is normalised globally
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dist.all_reduce(loss.detach())
+            running += float(loss)
+            step += 1
+        if rank == 0:
+            log(f"sft epoch {epoch + 1}/{cfg.epochs}: mean token loss {running / per_epoch:.4f}")
+    transform = (lambda sd: merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank)) if cfg.lora_rank else None
+    export_hf(student, tokenizer, Path(cfg.output), transform)
+    return Path(cfg.output)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="torchrun -m opcod.sft", description=__doc__)
+    ap.add_argument("--config", help="a YAML file of SFTConfig keys")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. model=path output=path data=file.jsonl")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides, cls=SFTConfig)
+    except ConfigError as exc:
+        print(f"opcod.sft: {exc}", file=sys.stderr)
+        return 2
+    from .train import init_distributed, quiet_transformers
+    quiet_transformers()
+    init_distributed()
+    try:
+        out = run_sft(cfg)
+        if dist.get_rank() == 0:
+            save_config(cfg, out / "sft_config.yaml")
+            print(f"wrote {out}")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"opcod.sft: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

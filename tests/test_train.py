@@ -1,0 +1,236 @@
+"""The trainer: config errors, bad inputs, FSDP gradients, weight sync, the step's prompts, a
+2-process run with every artifact, and resume after SIGKILL. Multi-process parts use torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opcod import synthetic
+from opcod.config import ConfigError, load_config
+from opcod.data import Problem
+from opcod.feedback import OutcomeCounts
+from opcod.step import Rollout, request_feedback, self_anchors, teacher_contexts
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc=2, timeout=600, env=None, cwd=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def tiny_students(tmp_path_factory):
+    """Two randomly initialised tiny students sharing one tokenizer, and a small config for them."""
+    from opcod import prompts
+    from opcod.tiny import build_tokenizer, create_model_dir, tiny_config
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = []
+    for d in synthetic.SYNTHETIC_DOMAINS:
+        for p in synthetic.generate(d, 60, seed=0):
+            corpus += [prompts.SYSTEM_PROMPT, p.prompt, p.solution, p.meta["feedback"]]
+    tok = build_tokenizer(corpus * 2, vocab_size=400)
+    for name, seed in (("A", 1), ("B", 2)):
+        create_model_dir(root / name, tok, tiny_config(len(tok), hidden=32, intermediate=64), seed=seed)
+    cfg = {"rounds": 1, "steps_per_phase": 2, "prompts_per_step": 4, "rollouts_per_prompt": 2,
+           "output_dir": str(root / "runs"), "run_name": "tiny", "eval_k": 1, "val_k": 1,
+           "students": [{"name": "A", "path": str(root / "A")}, {"name": "B", "path": str(root / "B")}],
+           "data": {"source": "synthetic", "val_size": 4, "synthetic_train": 12, "synthetic_test": 4},
+           "rollout": {"max_new_tokens": 8}, "evaluation": {"max_new_tokens": 8},
+           "feedback": {"max_new_tokens": 8}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, path
+
+
+# ----------------------------------------------------------------------------- config and inputs
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(overrides=["demo=true", "optim.lr=3e-5", "rounds=3", "loss.teacher_weights=ema"])
+    assert (cfg.optim.lr, cfg.rounds, cfg.loss.teacher_weights) == (3e-5, 3, "ema")
+    for bad, name in [("nope=1", "nope"), ("optim.nope=1", "optim.nope"), ("rounds=x", "rounds"),
+                      ("tau=-0.5", "tau"), ("gate=sometimes", "gate"), ("method=ppo", "method")]:
+        with pytest.raises(ConfigError, match=name):
+            load_config(overrides=["demo=true", bad])
+    f = tmp_path / "c.yaml"
+    f.write_text("rounds: 2\nstudents: [{name: a, path: x, colour: red}]\n")
+    with pytest.raises(ConfigError, match="students.0.colour"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="at least two students"):
+        load_config(overrides=[])
+
+
+def _cli(tmp_path, cfg_dict, *extra):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return subprocess.run([sys.executable, "-m", "opcod.train", "--config", str(path), *extra],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
+    root, cfg_path = tiny_students
+    base = yaml.safe_load(cfg_path.read_text())
+    base["output_dir"] = str(tmp_path / "runs")
+    res = _cli(tmp_path, base, "learning_rate=1")
+    assert res.returncode == 2 and "unknown config key 'learning_rate'" in res.stderr
+    missing = {**base, "students": [{"name": "A", "path": str(tmp_path / "nowhere")}, base["students"][1]]}
+    res = _cli(tmp_path, missing)
+    assert res.returncode == 2 and "students.0.path" in res.stderr and "does not exist" in res.stderr
+    # a tokenizer without a chat template
+    bare = tmp_path / "bare"
+    subprocess.run(["cp", "-r", str(root / "A"), str(bare)], check=True)
+    tc = json.loads((bare / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tc))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    res = _cli(tmp_path, {**base, "students": [{"name": "A", "path": str(bare)}, base["students"][1]]})
+    assert res.returncode == 2 and "chat template" in res.stderr and "students.0.path" in res.stderr
+    res = _cli(tmp_path, {**base, "data": {**base["data"], "domains": ["geology"]}})
+    assert res.returncode == 2 and "geology" in res.stderr
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()  # nothing ran
+
+
+# ----------------------------------------------------------------------------- the step
+
+def test_fsdp_distillation_gradients_match_float64_reference():
+    res = torchrun(HERE / "dist" / "check_distill_fsdp.py")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "worst grad rel err" in res.stdout
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared"])
+def test_engine_weights_equal_trainer_weights_after_sync(tiny_students, mode):
+    _, cfg_path = tiny_students
+    res = torchrun(HERE / "dist" / "check_sync.py", cfg_path, f"engine.tutor={mode}", "engine.bucket_mb=0")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"sync ok ({mode} engines" in res.stdout
+
+
+def test_feedback_gate_and_teacher_prompt(tokenizer):
+    problem = synthetic.generate("chemistry", 1, seed=3)[0]
+    ids = [1, 2, 3]
+    good = Rollout(problem, ids, [4], problem.solution, 1.0)
+    bad = Rollout(problem, ids, [5], "<answer>Z</answer>", 0.0)
+    group = [bad, good]
+    self_anchors(group, allow_self=False)
+    assert bad.solution == problem.solution and good.solution is None  # only *other* correct rollouts
+    asked = []
+
+    def tutor(prompts_):
+        asked.extend(prompts_)
+        return [tokenizer.encode(problem.meta["feedback"] + " The answer is (B).")] * len(prompts_)
+
+    closed = request_feedback(group, lambda r: False, tutor, tokenizer)
+    assert closed.total() == 0 and not asked and bad.feedback is None
+    opened = request_feedback(group, lambda r: True, tutor, tokenizer)
+    assert opened.as_dict()["kept"] == 2 and len(asked) == 2
+    teacher_contexts(group, tokenizer, 64, 64)
+    text = tokenizer.decode(bad.teacher_prompt_ids)
+    critique = problem.meta["feedback"].split("</concept>")[1].strip()
+    assert "The following is feedback on your earlier attempt:" in text and critique[:30] in text
+    assert "The answer is (B)" not in text and "<concept>" not in text
+    assert "Correct solution:" in text and "Correctly solve the original question." in text
+    alone = Rollout(problem, ids, [6], "x", 0.0)
+    teacher_contexts([alone], tokenizer, 64, 64)
+    assert alone.teacher_prompt_ids is None  # neither solution nor feedback: no teacher
+    assert isinstance(closed, OutcomeCounts)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_per_prompt=4",
+              "eval_k=2", "val_k=2", "save_every=1"]
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("opcod-cache")
+    return {**ENV, "OPCOD_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    res = torchrun("-m", "opcod.train", f"output_dir={out}", "run_name=full", *DEMO_SHORT,
+                   env=demo_env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out / "full", res
+
+
+def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
+    run_dir, res = demo_run
+    assert "mutual Pareto improvement:" in res.stdout and "feedback outcomes:" in res.stdout
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["rounds"] == 2 and cfg["method"] == "opcod" and len(cfg["students"]) == 2
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["kind"] == "step"]
+    assert len(steps) == 2 * 2 * 2 and [s["step"] for s in steps] == list(range(1, 9))
+    for key in ("loss", "reward_mean", "teacher_fraction", "feedback", "gate_open", "times"):
+        assert key in steps[0]
+    assert set(steps[0]["times"]) == {"generate", "feedback", "fwd_bwd", "sync", "step"}
+    assert any(s["loss"] > 0 for s in steps) and any(s["teacher_fraction"] > 0 for s in steps)
+    assert {x["kind"] for x in lines} == {"test", "validation", "step"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == {"students", "mutual_pareto_improvement", "rounds", "feedback_outcomes", "config"}
+    for name, s in summary["students"].items():
+        assert set(s) == {"initial", "final", "pareto_improved"}
+        assert set(s["initial"]) == {"chemistry", "physics"}
+        assert (run_dir / "students" / name / "model.safetensors").is_file()
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant"}
+    assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic"}
+    assert (run_dir / "validation.png").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    # exported students load with transformers, tokenizer and chat template included
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = next(iter(summary["students"]))
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "students" / name)
+    tok = AutoTokenizer.from_pretrained(run_dir / "students" / name)
+    assert tok.chat_template and model.config.model_type == "qwen3"
+    # a finished run exits at once
+    again = torchrun("-m", "opcod.train", f"output_dir={run_dir.parent}", "run_name=full", *DEMO_SHORT,
+                     env=demo_env)
+    assert again.returncode == 0 and "finished already" in again.stdout
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+    return {n: load_file(run_dir / "students" / n / "model.safetensors")
+            for n in sorted(os.listdir(run_dir / "students"))}
+
+
+def test_sigkill_mid_phase_then_rerun_gives_the_same_final_weights(demo_run, demo_env):
+    full_dir, _ = demo_run
+    out = full_dir.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "opcod.train",
+           f"output_dir={out}", "run_name=killed", *DEMO_SHORT]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=demo_env,
+                            start_new_session=True)
+    metrics = out / "killed" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill once the second phase has taken a step
+        if metrics.exists() and sum('"kind": "step"' in x for x in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps_before = sum('"kind": "step"' in x for x in metrics.read_text().splitlines())
+    assert 3 <= steps_before < 8 and not (out / "killed" / "summary.json").exists()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    a, b = _weights(full_dir), _weights(out / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"kind": "step"' in x]
+    assert [s["step"] for s in steps] == list(range(1, 9))  # no step logged twice
