@@ -1,6 +1,6 @@
-"""The embedded default's students: a tiny Qwen3-architecture base trained on both synthetic
-domains (worked solutions and tutor feedback), then one SFT student per domain; built on first use
-and cached, so later runs start at once."""
+"""The embedded default's students: a tiny Qwen3-architecture base trained on a textbook of both
+synthetic domains' facts and on their worked solutions, tutor feedback and teacher reprompts,
+then one SFT student per domain; built on first use and cached, so later runs start at once."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,12 +15,14 @@ import torch.distributed as dist
 from . import prompts
 from .config import Config, SFTConfig, StudentConfig
 from .sft import run_sft
-from .synthetic import wrong_attempt
+from .synthetic import reshuffled, textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
 VERSION = "v1"
-BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=1024)
-BASE_SFT = dict(epochs=6, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
+BASE_SFT = dict(epochs=8, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+SHUFFLES = 2      # option orders per question in the student role
+BOOK_REPEATS = 3  # the textbook is short; repeat it so its facts are seen as often as the MCQs
 DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
@@ -31,14 +33,21 @@ def cache_dir() -> Path:
 
 
 def records(problems, seed: int) -> list[dict]:
-    """Both roles on each problem: the student's worked solution and the tutor's feedback on a
-    wrong attempt (so the same model can later act as tutor)."""
+    """Every role on each problem: the student's worked solution, the tutor's feedback on a wrong
+    attempt, and the self-teacher answering with a correct solution (and feedback) in its context,
+    so one tiny model can play all three parts of OPCoD."""
     rng = random.Random(seed)
     out = []
     for p in problems:
-        out.append({"messages": prompts.messages(p.prompt), "response": p.solution})
+        critique = p.meta["feedback"].split("</concept>", 1)[1].strip()
+        # The same question under several option orders: the letter cannot be memorised from the
+        # question, only found by looking the recalled fact up among the options.
+        for variant in [p] + [reshuffled(p, rng) for _ in range(SHUFFLES - 1)]:
+            out.append({"messages": prompts.messages(variant.prompt), "response": variant.solution})
         out.append({"messages": prompts.tutor_messages(p.prompt, wrong_attempt(p, rng)),
                     "response": p.meta["feedback"]})
+        teacher = prompts.reprompt_message(p.prompt, p.solution, critique if rng.random() < 0.5 else None)
+        out.append({"messages": prompts.messages(teacher), "response": p.solution})
     return out
 
 
@@ -71,7 +80,9 @@ def prepare(cfg: Config) -> Config:
         tok = build_tokenizer(corpus, vocab_size=BASE["vocab"])
         create_model_dir(root / "init", tok, tiny_config(len(tok), BASE["hidden"], BASE["layers"], BASE["heads"],
                                                          BASE["kv_heads"], BASE["intermediate"]), seed=cfg.seed)
-        _write(root / "base.jsonl", records(train_set, cfg.seed))
+        book = [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "response": fact}
+                for d in domains for topic, fact in textbook(d)]
+        _write(root / "base.jsonl", records(train_set, cfg.seed) + book * BOOK_REPEATS)
         for d in domains:
             _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1))
     dist.barrier()

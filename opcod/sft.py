@@ -90,8 +90,9 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            dist.all_reduce(loss.detach())
-            running += float(loss)
+            logged = loss.detach().clone()
+            dist.all_reduce(logged)  # per-rank partial sums of the global token mean
+            running += float(logged)
             step += 1
         if rank == 0:
             log(f"sft epoch {epoch + 1}/{cfg.epochs}: mean token loss {running / per_epoch:.4f}")

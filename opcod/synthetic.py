@@ -6,6 +6,7 @@ name, name -> atomic number, ...). A held-out question is then new text about a 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
@@ -68,8 +69,9 @@ def _mcq(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list
     return options, LETTERS[texts.index(correct)]
 
 
-def _solution(reasoning: str, letter: str) -> str:
-    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{letter}\n</answer>"
+def _solution(reasoning: str, letter: str, text: str) -> str:
+    # The last line names the option right after its text, the lookup a model must learn.
+    return f"<reasoning>\n{reasoning}\n{text} is option {letter}.\n</reasoning>\n<answer>\n{letter}\n</answer>"
 
 
 # Each family: rng -> (family, fact key, question, options, answer, reasoning, concept, critique)
@@ -214,6 +216,27 @@ FAMILIES: dict[str, list[Callable]] = {
 SYNTHETIC_DOMAINS = tuple(FAMILIES)
 
 
+def textbook(domain: str) -> list[tuple[str, str]]:
+    """(topic, statement) pairs: every fact of a domain's tables stated plainly, the knowledge a
+    pretrained model would bring. No question, option or answer letter appears in them."""
+    if domain == "chemistry":
+        out = [(name, f"{name.capitalize()} has the chemical symbol {sym} and atomic number {z}; "
+                      f"its molar mass is {mass:.2f} g/mol.") for sym, name, z, mass in ELEMENTS]
+        out += [(sym, f"The chemical symbol {sym} stands for {name}, atomic number {z}.")
+                for sym, name, z, _ in ELEMENTS]
+        out += [(formula, f"{formula} is {common}; its molar mass is {molar_mass(comp):.2f} g/mol.")
+                for formula, comp, common in COMPOUNDS]
+        return out
+    if domain == "physics":
+        out = [(q, f"In the SI system, {q} is measured in the {u} ({sym}).") for q, u, sym in QUANTITIES]
+        out += [(u, f"The {u} ({sym}) is the SI unit of {q}.") for q, u, sym in QUANTITIES]
+        out += [(big, f"One {big} equals {f} {small}.") for big, small, f in CONVERSIONS]
+        out += [(name.removeprefix("the "), f"The value of {name} is about {value}.") for name, value, _ in CONSTANTS]
+        out += [(f"{a} x {t}", f"{a} x {t} = {a * t}.") for a in range(1, 10) for t in range(1, 6)]
+        return out
+    raise ValueError(f"unknown synthetic domain {domain!r}; valid: {', '.join(FAMILIES)}")
+
+
 def generate(domain: str, n: int, seed: int = 0) -> list[Problem]:
     """n distinct problems of a synthetic domain, each with a worked solution and, in meta, a
     tutor-style feedback example for a wrong attempt."""
@@ -232,7 +255,7 @@ def generate(domain: str, n: int, seed: int = 0) -> list[Problem]:
         seen.add(question)
         out.append(Problem(
             id=f"{domain}-synth-{seed}-{len(out)}", domain=domain, question=question,
-            options=options, answer=answer, solution=_solution(reasoning, answer),
+            options=options, answer=answer, solution=_solution(reasoning, answer, dict(options)[answer]),
             meta={"family": family.__name__.lstrip("_"), "source": "synthetic",
                   "feedback": f"<concept>{concept}</concept>\n{critique}"}))
     if len(out) < n:
@@ -240,11 +263,23 @@ def generate(domain: str, n: int, seed: int = 0) -> list[Problem]:
     return out
 
 
+def reshuffled(problem: Problem, rng: random.Random) -> Problem:
+    """The same question with its options in another order (answer letter and solution follow)."""
+    texts = [t for _, t in problem.options]
+    correct = dict(problem.options)[problem.answer]
+    rng.shuffle(texts)
+    options = list(zip(LETTERS, texts))
+    letter = LETTERS[texts.index(correct)]
+    reasoning = problem.solution.split("<reasoning>\n", 1)[1].split("\n", 1)[0]
+    return dataclasses.replace(problem, options=options, answer=letter,
+                               solution=_solution(reasoning, letter, correct))
+
+
 def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     """A well-formed response that picks a wrong option (for feedback examples and tests)."""
     letter = rng.choice([label for label, _ in problem.options if label != problem.answer])
     text = dict(problem.options)[letter]
-    return _solution(f"I think the answer is {text}.", letter)
+    return _solution(f"I think the answer is {text}.", letter, text)
 
 
 def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
