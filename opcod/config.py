@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("opcod", "sdpo")
+METHODS = ("opcod", "sdpo", "grpo")
 GATES = ("cognizance", "always", "never", "domain_selective")
 TEACHER_WEIGHTS = ("current", "ema", "initial")
 TUTOR_SNAPSHOTS = ("round_start", "latest")
@@ -65,6 +65,8 @@ class LossConfig:
     max_solution_tokens: int = 1024
     max_feedback_tokens: int = 512
     max_nonfinite_steps: int = 3        # consecutive skipped steps before the run stops
+    grpo_clip: float = 0.2              # method=grpo: PPO ratio clipping
+    grpo_kl: float = 0.0                # method=grpo: KL to the initial policy (off, as in the paper)
 
 
 @dataclass

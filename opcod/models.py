@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from opcod_kernels import fused_linear_jsd
+from opcod_kernels import fused_linear_jsd, fused_linear_logprobs
 
 from .prompts import check_chat_template
 
@@ -64,10 +64,13 @@ class Student(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, index, teacher_hidden=None, token_weights=None,
-                beta: float = 0.5, targets=None):
+                beta: float = 0.5, targets=None, policy=None):
         h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
         weight = self.lm.get_output_embeddings().weight
+        if policy is not None:  # GRPO: log-probs of the sampled tokens, or the summed token loss
+            logp = fused_linear_logprobs(h, weight, targets)
+            return logp if policy == "logprobs" else grpo_token_loss(logp, **policy).sum()
         if targets is not None:  # SFT: summed cross-entropy, logits of the selected positions only
             logits = (h @ weight.T).float()
             return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
@@ -75,6 +78,18 @@ class Student(nn.Module):
             return h
         return fused_linear_jsd(h, teacher_hidden.to(h.dtype), weight, beta=beta,
                                 token_weights=token_weights, reduction="sum")
+
+
+def grpo_token_loss(logp, advantages, old_logp=None, clip: float = 0.2, ref_logp=None, kl: float = 0.0):
+    """Per-token clipped policy-gradient loss -min(r A, clip(r) A), r = exp(logp - logp_old), plus
+    kl * (exp(ref - logp) - (ref - logp) - 1) towards a reference policy when kl > 0."""
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    if kl > 0 and ref_logp is not None:
+        delta = ref_logp - logp
+        loss = loss + kl * (torch.exp(delta) - delta - 1)
+    return loss
 
 
 def shard(student: Student, device: torch.device, activation_checkpointing: bool = False) -> Student:

@@ -128,3 +128,39 @@ def distill_backward(student, teacher, rollouts: Sequence[Rollout], micro_batch:
 def world_size() -> int:
     import torch.distributed as dist
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def group_advantages(rewards: Sequence[float], n: int, eps: float = 1e-6) -> list[float]:
+    """GRPO: (reward - group mean) / (group std + eps) over each prompt's n rollouts (unbiased std,
+    as TRL computes it)."""
+    out = []
+    for g in range(0, len(rewards), n):
+        r = torch.tensor(rewards[g:g + n], dtype=torch.float64)
+        std = r.std() if len(r) > 1 else torch.zeros((), dtype=torch.float64)
+        out.extend(((r - r.mean()) / (std + eps)).tolist())
+    return out
+
+
+def grpo_backward(student, reference, rollouts: Sequence[Rollout], advantages: Sequence[float],
+                  micro_batch: int, pad_id: int, device, clip: float, kl: float,
+                  total_tokens: torch.Tensor) -> torch.Tensor:
+    """Accumulate the GRPO gradient: token-level clipped policy-gradient loss over all response
+    tokens, divided by all response tokens of the step (all ranks); log-probs come from the chunked
+    kernel, never from [tokens x vocab] logits. One update per batch, so old log-probs = current."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for start in range(0, len(rollouts), micro_batch):
+        chunk = rollouts[start:start + micro_batch]
+        ids, mask, index = pack([(r.prompt_ids, r.response_ids) for r in chunk], pad_id, device)
+        targets = torch.tensor([t for r in chunk for t in r.response_ids], dtype=torch.long, device=device)
+        adv = torch.tensor([a for r, a in zip(chunk, advantages[start:start + micro_batch])
+                            for _ in r.response_ids], dtype=torch.float32, device=device)
+        ref_logp = None
+        if kl > 0:
+            with torch.no_grad():
+                ref_logp = reference(ids, mask, index, targets=targets, policy="logprobs")
+        loss = student(ids, mask, index, targets=targets,
+                       policy={"advantages": adv, "clip": clip, "ref_logp": ref_logp, "kl": kl})
+        loss = loss / total_tokens
+        (loss * world_size()).backward()
+        total += loss.detach()
+    return total

@@ -24,7 +24,8 @@ from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
 from .grading import reward
 from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen_copy, load_causal_lm,
                      load_tokenizer, make_optimizer, move_optimizer_state, shard)
-from .step import distill_backward, make_rollouts, prompt_ids, request_feedback, self_anchors, teacher_contexts
+from .step import (distill_backward, grpo_backward, group_advantages, make_rollouts, prompt_ids,
+                   request_feedback, self_anchors, teacher_contexts)
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params, push_weights
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -149,8 +150,8 @@ class CoDistillation:
             self.students[s.name] = student
             self.optims[s.name] = make_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay,
                                                  cfg.optim.betas, cfg.optim.warmup_steps)
-            if cfg.loss.teacher_weights != "current":
-                self.teachers[s.name] = frozen_copy(student)
+            if cfg.loss.teacher_weights != "current" or (cfg.method == "grpo" and cfg.loss.grpo_kl > 0):
+                self.teachers[s.name] = frozen_copy(student)  # EMA / initial teacher, or GRPO's KL reference
 
         # -- colocated engines: one for rollouts, one for the tutor (or one shared)
         first = self.students[self.names[0]]
@@ -253,8 +254,9 @@ class CoDistillation:
         responses = self.engines["rollout"].generate([i for i in ids for _ in range(n)],
                                                      self.sampling(cfg.rollout), seed)
         rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer)
-        for g in range(len(problems)):
-            self_anchors(rollouts[g * n:(g + 1) * n], cfg.loss.allow_self_anchor)
+        if cfg.method != "grpo":
+            for g in range(len(problems)):
+                self_anchors(rollouts[g * n:(g + 1) * n], cfg.loss.allow_self_anchor)
         t_gen = time.perf_counter()
 
         # 2. gated tutor feedback, anchored and sanitized
@@ -273,15 +275,21 @@ class CoDistillation:
                 self.ensure("rollout", tutee)  # a shared engine switches back before the next use
         t_fb = time.perf_counter()
 
-        # 3. self-teacher contexts and the distillation loss
-        teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+        # 3. self-teacher contexts and the distillation loss (GRPO: group-relative policy gradient)
         for engine in self.engines.values():
             engine.sleep()
         tokens = torch.tensor(float(sum(len(r.response_ids) for r in rollouts)), device=self.device)
         dist.all_reduce(tokens)
-        teacher = self.teachers.get(tutee, student)
-        loss = distill_backward(student, teacher, rollouts, cfg.model.micro_batch_size,
-                                self.tokenizer.pad_token_id, self.device, cfg.loss.beta, tokens.clamp_min(1))
+        if cfg.method == "grpo":
+            advantages = group_advantages([r.reward for r in rollouts], n)
+            loss = grpo_backward(student, self.teachers.get(tutee), rollouts, advantages,
+                                 cfg.model.micro_batch_size, self.tokenizer.pad_token_id, self.device,
+                                 cfg.loss.grpo_clip, cfg.loss.grpo_kl, tokens.clamp_min(1))
+        else:
+            teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+            loss = distill_backward(student, self.teachers.get(tutee, student), rollouts,
+                                    cfg.model.micro_batch_size, self.tokenizer.pad_token_id, self.device,
+                                    cfg.loss.beta, tokens.clamp_min(1))
         dist.all_reduce(loss)
         finite = bool(torch.isfinite(loss))
         grad_norm = float("nan")
@@ -290,7 +298,7 @@ class CoDistillation:
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             opt.step()
             sched.step()
-            if cfg.loss.teacher_weights == "ema":
+            if cfg.loss.teacher_weights == "ema" and cfg.method != "grpo":
                 ema_update(self.teachers[tutee], student, cfg.loss.ema_rate)
             p.versions[tutee] += 1
             p.nonfinite = 0

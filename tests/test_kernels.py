@@ -194,3 +194,20 @@ def test_bad_tensors_name_themselves():
         K.fused_linear_jsd(hs, ht.to("meta"), W)
     with pytest.raises(ValueError, match="teacher_logits"):
         K.jsd(torch.randn(4, 10), torch.randn(4, 11))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_linear_logprobs_against_float64(dtype, tol):
+    hs, _, W, _ = make(13, dtype=dtype)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    a, Wa = hs.clone().requires_grad_(), W.clone().requires_grad_()
+    out = K.fused_linear_logprobs(a, Wa, targets, temperature=0.8, chunk_size=8)
+    (out * upstream).sum().backward()
+    b, Wb = hs.double().requires_grad_(), W.double().requires_grad_()
+    ref = K.reference_logprobs(b, Wb, targets, temperature=0.8)
+    (ref * upstream.double()).sum().backward()
+    for name, o, r in (("logp", out, ref), ("dH", a.grad, b.grad), ("dW", Wa.grad, Wb.grad)):
+        assert rel_err(o, r) <= tol, (name, rel_err(o, r))
+    with pytest.raises(ValueError, match="targets"):
+        K.fused_linear_logprobs(hs, W, targets.int())

@@ -234,3 +234,14 @@ def test_sigkill_mid_phase_then_rerun_gives_the_same_final_weights(demo_run, dem
             assert torch.equal(a[name][key], b[name][key]), (name, key)
     steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"kind": "step"' in x]
     assert [s["step"] for s in steps] == list(range(1, 9))  # no step logged twice
+
+
+def test_two_process_grpo_run(tiny_students):
+    _, cfg_path = tiny_students
+    res = torchrun("-m", "opcod.train", "--config", cfg_path, "method=grpo", "run_name=grpo")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run_dir = Path(yaml.safe_load(cfg_path.read_text())["output_dir"]) / "grpo"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["students"]) == {"A", "B"} and summary["feedback_outcomes"]["kept"] == 0
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert all(s["teacher_fraction"] == 0 and not s["gate_open"] for s in steps if s["kind"] == "step")
