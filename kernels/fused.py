@@ -185,6 +185,12 @@ def _row_weights(token_weights, n, device):
     return token_weights.to(torch.float32)
 
 
+def _reduce(loss_rows, w, reduction):
+    """The weighted "sum", or the "mean" over weighted rows (a fully masked batch gives 0)."""
+    total = (loss_rows * w).sum()
+    return total if reduction == "sum" else total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def _grad_scale(w, reduction):
     if reduction == "mean":
         return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
@@ -208,10 +214,7 @@ class _FusedLinearJSDFunction(torch.autograd.Function):
             ctx.save_for_backward(h_s, h_t, W, None if ctx.shared else W_t, w)
             return loss_rows * w
         ctx.save_for_backward(dH, dW)
-        total = (loss_rows * w).sum()
-        if reduction == "sum":
-            return total
-        return total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return _reduce(loss_rows, w, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -270,10 +273,7 @@ class _LogitsJSDFunction(torch.autograd.Function):
             ctx.save_for_backward(z_s, z_t, w)
             return loss_rows * w
         ctx.save_for_backward(grad if eager else None)
-        total = (loss_rows * w).sum()
-        if reduction == "sum":
-            return total
-        return total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return _reduce(loss_rows, w, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -20,3 +20,36 @@ def tokenizer():
     corpus = ["The molar mass of water is 18.02 g/mol.", "Please reason step by step.",
               "Correct solution: the force is measured in newtons."] * 20
     return build_tokenizer(corpus, vocab_size=400)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+import subprocess  # noqa: E402
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc=2, timeout=600, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV)
+
+
+DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_per_prompt=4",
+              "eval_k=2", "val_k=2", "save_every=1"]
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("opcod-cache")
+    return {**ENV, "OPCOD_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    res = torchrun("-m", "opcod.train", f"output_dir={out}", "run_name=full", *DEMO_SHORT,
+                   env=demo_env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out / "full", res
+
+

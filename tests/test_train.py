@@ -19,12 +19,7 @@ from opcod.feedback import OutcomeCounts
 from opcod.step import Rollout, request_feedback, self_anchors, teacher_contexts
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(*args, nproc=2, timeout=600, env=None, cwd=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=cwd)
+from conftest import DEMO_SHORT, ENV, torchrun
 
 
 @pytest.fixture(scope="session")
@@ -145,25 +140,6 @@ def test_feedback_gate_and_teacher_prompt(tokenizer):
 
 
 # ----------------------------------------------------------------------------- whole runs
-
-DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_per_prompt=4",
-              "eval_k=2", "val_k=2", "save_every=1"]
-
-
-@pytest.fixture(scope="session")
-def demo_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("opcod-cache")
-    return {**ENV, "OPCOD_CACHE": str(cache)}
-
-
-@pytest.fixture(scope="session")
-def demo_run(demo_env, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    res = torchrun("-m", "opcod.train", f"output_dir={out}", "run_name=full", *DEMO_SHORT,
-                   env=demo_env, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out / "full", res
-
 
 def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     run_dir, res = demo_run

@@ -1,0 +1,270 @@
+"""python -m opcod.analyze {run,compare,break-rate}: the paper's diagnostics from runs and models."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .feedback import OUTCOMES
+from .pareto import dominates
+
+# Difficulty buckets by the number of wrong pre-feedback rollouts out of 8 (paper App. E).
+BUCKETS = {"0-1": (0, 1), "0-4": (0, 4), "5-7": (5, 7), "7": (7, 7)}
+
+
+# ----------------------------------------------------------------------------- break-rate
+
+def break_rate(pre: Sequence[Sequence[float]], post: Sequence[Sequence[float]]) -> dict[str, dict]:
+    """#(correct -> wrong) / #correct over rollouts, overall and per difficulty bucket.
+
+    pre[i][j], post[i][j]: reward of rollout j of problem i before and after feedback."""
+    def rate(items):
+        correct = [(a, b) for a, b in items if a > 0]
+        broken = sum(1 for a, b in correct if b <= 0)
+        return {"correct": len(correct), "broken": broken,
+                "break_rate": broken / len(correct) if correct else None}
+    pairs = [(list(zip(a, b)), sum(1 for x in a if x <= 0)) for a, b in zip(pre, post)]
+    out = {"overall": rate([p for ps, _ in pairs for p in ps])}
+    for name, (lo, hi) in BUCKETS.items():
+        out[name] = rate([p for ps, wrong in pairs if lo <= wrong <= hi for p in ps])
+    return out
+
+
+def _break_rate_cli(args) -> int:
+    import torch
+
+    from . import prompts
+    from .config import load_config
+    from .engine_hf import HFEngine, Sampling
+    from .gating import cognizance_gaps
+    from .grading import reward
+    from .models import check_model_dir, load_tokenizer
+    from .step import make_rollouts, prompt_ids, request_feedback, self_anchors
+    from .train import load_domains
+    from .evaluate import evaluate_model
+    for key in ("tutee", "tutor"):
+        check_model_dir(getattr(args, key), key)
+    cfg = load_config(args.config, ["demo=true"])
+    _, val, _ = load_domains(cfg)
+    problems = [p for d in sorted(val) for p in val[d][:args.limit]]
+    tok = load_tokenizer(args.tutee, "tutee")
+    tutee = HFEngine(args.tutee, 1 << 20, torch.float32, tok.pad_token_id, [tok.eos_token_id])
+    tutor = HFEngine(args.tutor, 1 << 20, torch.float32, tok.pad_token_id, [tok.eos_token_id])
+    try:
+        n = args.n
+        roll = Sampling(1.0, 1.0, cfg.rollout.max_new_tokens)
+        ids = [prompt_ids(tok, p) for p in problems]
+        outs = tutee.generate([i for i in ids for _ in range(n)], roll, args.seed)
+        rollouts = make_rollouts(problems, ids, outs, n, tok)
+        for g in range(len(problems)):
+            self_anchors(rollouts[g * n:(g + 1) * n], allow_self=False)
+        fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
+        counts = request_feedback(rollouts, lambda r: True, lambda ps: tutor.generate(ps, fb, args.seed + 1), tok)
+        again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
+            r.problem.prompt, r.solution, r.feedback, tok))), add_special_tokens=False) for r in rollouts]
+        post_out = tutee.generate(again, roll, args.seed + 2)
+        post = [reward(tok.decode(o, skip_special_tokens=True), r.problem.answer) for o, r in zip(post_out, rollouts)]
+        pre = [r.reward for r in rollouts]
+        result = break_rate([pre[g * n:(g + 1) * n] for g in range(len(problems))],
+                            [post[g * n:(g + 1) * n] for g in range(len(problems))])
+        ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
+        scores = {"tutee": evaluate_model(tutee, tok, val, cfg.val_k, ev, args.seed),
+                  "tutor": evaluate_model(tutor, tok, val, cfg.val_k, ev, args.seed)}
+        gap = cognizance_gaps(scores)["tutor"]
+        result["tutor"] = {"gap": gap, "cognizant": gap <= cfg.tau, "validation": scores["tutor"]}
+        result["feedback_outcomes"] = counts.as_dict()
+    finally:
+        tutee.close()
+        tutor.close()
+    print(f"tutor gap {gap:.3f} ({'cognizant' if gap <= cfg.tau else 'incognizant'} at tau {cfg.tau})")
+    print(f"{'bucket (wrong of n)':<20} {'correct':>8} {'broken':>7} {'break-rate':>10}")
+    for name in ["overall", *BUCKETS]:
+        r = result[name]
+        rate = "-" if r["break_rate"] is None else f"{100 * r['break_rate']:.1f}%"
+        print(f"{name:<20} {r['correct']:>8} {r['broken']:>7} {rate:>10}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- run
+
+def load_run(run_dir: Path) -> tuple[list[dict], dict]:
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return metrics, summary
+
+
+def run_report(run_dir: Path) -> dict:
+    """Anchoring outcomes in the first and last round, FB-on / FB-off step times, gates, trajectories."""
+    metrics, summary = load_run(run_dir)
+    steps = [m for m in metrics if m["kind"] == "step"]
+    rounds = sorted({s["round"] for s in steps})
+    by_round = {r: {o: sum(s["feedback"][o] for s in steps if s["round"] == r) for o in OUTCOMES} for r in rounds}
+    on = [s for s in steps if sum(s["feedback"].values()) > 0]
+    off = [s for s in steps if sum(s["feedback"].values()) == 0]
+
+    def mean(xs):
+        return statistics.mean(xs) if xs else None
+    t_on, t_off = mean([s["times"]["step"] for s in on]), mean([s["times"]["step"] for s in off])
+    # App. G: the part of an FB-on step that plain SDPO would spend too (all but the feedback).
+    share = mean([(s["times"]["step"] - s["times"]["feedback"]) / s["times"]["step"] for s in on])
+    validation = [m for m in metrics if m["kind"] == "validation"]
+    return {"outcomes_first_round": by_round.get(rounds[0]) if rounds else None,
+            "outcomes_last_round": by_round.get(rounds[-1]) if rounds else None,
+            "step_time_fb_on": t_on, "step_time_fb_off": t_off, "steps_fb_on": len(on),
+            "steps_fb_off": len(off), "sdpo_equivalent_share": share,
+            "gates": [{"round": r["round"], "gaps": r["gaps"], "cognizant": r["cognizant"]} for r in summary["rounds"]],
+            "validation": [{"round": m["round"], "scores": m["scores"]} for m in validation]}
+
+
+def _plot_run(run_dir: Path, rep: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    if rep["outcomes_first_round"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = range(len(OUTCOMES))
+        for off, (label, key) in zip((-0.2, 0.2), (("first round", "outcomes_first_round"),
+                                                  ("last round", "outcomes_last_round"))):
+            counts = rep[key]
+            total = sum(counts.values()) or 1
+            ax.bar([i + off for i in x], [100 * counts[o] / total for o in OUTCOMES], width=0.4, label=label)
+        ax.set_xticks(list(x), OUTCOMES, rotation=20)
+        ax.set_ylabel("% of feedback")
+        ax.set_title("anchoring outcomes")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "anchoring.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if rep["validation"]:
+        students = sorted(rep["validation"][0]["scores"])
+        domains = sorted(rep["validation"][0]["scores"][students[0]])
+        fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.5), squeeze=False)
+        for ax, d in zip(axes[0], domains):
+            for s in students:
+                ax.plot(range(1, len(rep["validation"]) + 1),
+                        [100 * v["scores"][s][d] for v in rep["validation"]], marker="o", label=s)
+            ax.set_title(f"validation: {d}")
+            ax.set_xlabel("evaluation (round starts, then the end)")
+            ax.set_ylabel("avg@k (%)")
+        axes[0][0].legend()
+        fig.tight_layout()
+        paths.append(out_dir / "validation_trajectories.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.2f}"
+
+
+def _run_cli(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "summary.json").is_file():
+        print(f"opcod.analyze: {run_dir} has no metrics.jsonl and summary.json (not a finished run)",
+              file=sys.stderr)
+        return 2
+    rep = run_report(run_dir)
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(exist_ok=True)
+    print("anchoring outcomes (share of feedback):")
+    print(f"{'outcome':<16} {'first round':>12} {'last round':>12}")
+    for o in OUTCOMES:
+        row = []
+        for key in ("outcomes_first_round", "outcomes_last_round"):
+            total = sum(rep[key].values()) if rep[key] else 0
+            row.append(_fmt(rep[key][o] / total, True) if total else "-")
+        print(f"{o:<16} {row[0]:>12} {row[1]:>12}")
+    print(f"\nmean step wall time: FB-on {_fmt(rep['step_time_fb_on'])} s ({rep['steps_fb_on']} steps), "
+          f"FB-off {_fmt(rep['step_time_fb_off'])} s ({rep['steps_fb_off']} steps); "
+          f"SDPO-equivalent share of an FB-on step: {_fmt(rep['sdpo_equivalent_share'], True)}")
+    print("\ngate decisions per round:")
+    for g in rep["gates"]:
+        print(f"  round {g['round']}: " + ", ".join(
+            f"{n} gap {g['gaps'][n]:.3f} {'cognizant' if g['cognizant'][n] else 'incognizant'}" for n in g["gaps"]))
+    print("\nvalidation trajectories (avg@k %):")
+    for v in rep["validation"]:
+        print(f"  round {v['round']}: " + "; ".join(
+            f"{s} " + ", ".join(f"{d} {100 * x:.1f}" for d, x in sorted(sc.items())) for s, sc in v["scores"].items()))
+    for p in _plot_run(run_dir, rep, out_dir):
+        print(f"wrote {p}")
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- compare
+
+def compare_runs(run_dirs: Sequence[Path]) -> dict:
+    """Per student and domain: initial and each run's final score; Pareto verdicts against the
+    initial student and between runs."""
+    summaries = {str(d): json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+    first = next(iter(summaries.values()))
+    students = sorted(first["students"])
+    out = {"students": {}, "runs": list(summaries)}
+    for s in students:
+        initial = first["students"][s]["initial"]
+        finals = {r: summ["students"][s]["final"] for r, summ in summaries.items() if s in summ["students"]}
+        out["students"][s] = {
+            "initial": initial, "final": finals,
+            "improves_on_initial": {r: dominates(f, initial) for r, f in finals.items()},
+            "dominates": {a: [b for b in finals if b != a and dominates(finals[a], finals[b])] for a in finals}}
+    return out
+
+
+def _compare_cli(args) -> int:
+    dirs = [Path(d) for d in args.run_dirs]
+    missing = [str(d) for d in dirs if not (d / "summary.json").is_file()]
+    if missing:
+        print(f"opcod.analyze: no summary.json in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    cmp = compare_runs(dirs)
+    names = {r: Path(r).name for r in cmp["runs"]}
+    for s, info in cmp["students"].items():
+        domains = sorted(info["initial"])
+        print(f"\n{s}")
+        print(f"{'run':<24} " + " ".join(f"{d:>10}" for d in domains) + "  improves  dominates")
+        print(f"{'initial':<24} " + " ".join(f"{100 * info['initial'][d]:>9.1f}%" for d in domains))
+        for r, f in info["final"].items():
+            print(f"{names[r]:<24} " + " ".join(f"{100 * f[d]:>9.1f}%" for d in domains)
+                  + f"  {'yes' if info['improves_on_initial'][r] else 'no':>8}  "
+                  + (", ".join(names[b] for b in info["dominates"][r]) or "-"))
+    if args.out:
+        Path(args.out).write_text(json.dumps(cmp, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m opcod.analyze", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="diagnostics of one run directory")
+    r.add_argument("run_dir")
+    c = sub.add_parser("compare", help="line several runs up per student and domain")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out")
+    b = sub.add_parser("break-rate", help="how often a tutor's feedback breaks correct rollouts")
+    b.add_argument("--tutee", required=True)
+    b.add_argument("--tutor", required=True)
+    b.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
+    b.add_argument("--n", type=int, default=8)
+    b.add_argument("--limit", type=int, default=50, help="validation problems per domain")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return {"run": _run_cli, "compare": _compare_cli, "break-rate": _break_rate_cli}[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"opcod.analyze: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
