@@ -31,5 +31,14 @@ if [ -f opcod/train.py ] && [ -f benchmarks/gpu_smoke.yaml ]; then
 fi
 
 echo "== summary"
+if [ -f "$out/runs/gpu_smoke/metrics.jsonl" ]; then
+  python3 - "$out/runs/gpu_smoke/metrics.jsonl" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(sys.argv[1]) if '"kind": "step"' in l]
+rates = [s["sync_gb_s"] for s in steps if s["sync_gb_s"]]
+print(f"smoke run: {len(steps)} steps, mean step {sum(s['times']['step'] for s in steps) / max(1, len(steps)):.2f} s, "
+      f"weight sync {sum(rates) / max(1, len(rates)):.2f} GB/s ({steps[0]['sync_bytes'] if steps else 0} bytes)")
+PY
+fi
 grep -E "passed|failed" "$out/kernels.log" | tail -1
 sed -n '/fused_linear_jsd fwd+bwd/,/Peak = memory/p' "$out/bench.log"

@@ -27,6 +27,10 @@ class OpcodWorkerExtension:
         self.model_runner.model.load_weights(weights=unpack(self._opcod_bucket, metas))
         torch.cuda.synchronize()
 
+    def opcod_weight_sum(self) -> float:
+        """Sum of every weight (tests compare it with the trainer's; fused q/k/v keep the sum)."""
+        return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
+
     def opcod_finish_load(self) -> None:
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
         process_weights_after_loading(self.model_runner.model, self.model_config, self.device)

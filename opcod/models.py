@@ -98,9 +98,9 @@ def shard(student: Student, device: torch.device, activation_checkpointing: bool
     student.to(device)
     layers = student.lm.get_decoder().layers
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer)
+        # transformers' own per-layer checkpointing: its layers take keyword arguments that a
+        # generic checkpoint wrapper would not pass through.
+        student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" else MixedPrecisionPolicy())
     for layer in layers:

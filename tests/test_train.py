@@ -95,8 +95,9 @@ def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
 
 # ----------------------------------------------------------------------------- the step
 
-def test_fsdp_distillation_gradients_match_float64_reference():
-    res = torchrun(HERE / "dist" / "check_distill_fsdp.py")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp_distillation_gradients_match_float64_reference(checkpointing):
+    res = torchrun(HERE / "dist" / "check_distill_fsdp.py", *(["--ac"] if checkpointing else []))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "worst grad rel err" in res.stdout
 

@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node=2: distill_backward under FSDP2 against a float64, unsharded reference
+"""torchrun --nproc_per_node=2 check_distill_fsdp.py [--ac]: distill_backward under FSDP2 (optionally
+with activation checkpointing) against a float64, unsharded reference
 computed on full logits (positions, masks, teacher alignment, token normalisation, gradient sums)."""
 import sys
 
@@ -37,7 +38,7 @@ def main():
         all_rollouts.append(chunk)
     mine = all_rollouts[rank]
     total = torch.tensor(float(sum(len(r.response_ids) for c in all_rollouts for r in c)))
-    student = shard(Student(lm), torch.device("cpu"))
+    student = shard(Student(lm), torch.device("cpu"), activation_checkpointing="--ac" in sys.argv)
     loss = distill_backward(student, student, mine, micro_batch=4, pad_id=0, device=torch.device("cpu"),
                             beta=0.5, total_tokens=total)
     dist.all_reduce(loss)
