@@ -14,7 +14,6 @@ import yaml
 
 from opcod import synthetic
 from opcod.config import ConfigError, load_config
-from opcod.data import Problem
 from opcod.feedback import OutcomeCounts
 from opcod.step import Rollout, request_feedback, self_anchors, teacher_contexts
 
