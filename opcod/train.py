@@ -140,6 +140,7 @@ class CoDistillation:
         self.dtype = compute_dtype(cfg.model.dtype, self.device)
         self.progress = Progress(versions={n: 0 for n in self.names})
         self._prompt_cache: dict[str, list[int]] = {}
+        self._order: tuple[int, list[int]] = (-1, [])
 
         # -- students under FSDP2, their optimizers, and teacher copies when not `current`
         self.students, self.optims, self.teachers, self.snapshots = {}, {}, {}, {}
@@ -234,8 +235,9 @@ class CoDistillation:
         n, out = len(self.train_set), []
         for i in range(self.progress.cursor, self.progress.cursor + self.cfg.prompts_per_step):
             epoch, pos = divmod(i, n)
-            order = random.Random(seed_for(self.cfg.seed, 7, epoch)).sample(range(n), n)
-            out.append(self.train_set[order[pos]])
+            if self._order[0] != epoch:  # a seeded shuffle per epoch, computed once
+                self._order = (epoch, random.Random(seed_for(self.cfg.seed, 7, epoch)).sample(range(n), n))
+            out.append(self.train_set[self._order[1][pos]])
         self.progress.cursor += self.cfg.prompts_per_step
         return out[self.rank::self.world]
 
