@@ -34,8 +34,10 @@ def reference_jsd(student_logits, teacher_logits, *, beta=0.5, student_temperatu
 
 def reference_fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None, *,
                                beta=0.5, student_temperature=1.0, teacher_temperature=1.0,
-                               token_weights=None, reduction="mean", **_ignored):
-    """reference_jsd on logits h W^T materialized in the inputs' dtype; gradients reach h_s and W."""
+                               token_weights=None, reduction="mean", chunk_size=None, backend=None):
+    """reference_jsd on logits h W^T materialized in the inputs' dtype; gradients reach h_s and W.
+
+    chunk_size and backend are accepted, and ignored, so it is a drop-in for fused_linear_jsd."""
     teacher_weight = weight if teacher_weight is None else teacher_weight
     student_logits = student_hidden @ weight.T
     teacher_logits = teacher_hidden.detach() @ teacher_weight.detach().T

@@ -85,7 +85,6 @@ class ModelConfig:
     activation_checkpointing: bool = False
     trust_remote_code: bool = False
     micro_batch_size: int = 8           # rollouts per forward/backward
-    max_prompt_tokens: int = 2048
 
 
 @dataclass
