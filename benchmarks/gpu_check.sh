@@ -2,7 +2,8 @@
 # The one prepared GPU check (about 6 minutes on one H200): the kernels on CUDA against the float64
 # reference, `pytest benchmarks/` at Qwen3-8B shapes (H=4096, V=151936, bf16, N in 2048/8192/16384),
 # and a short training smoke run when the trainer is present. Prints one table at the end.
-# Run from the repository root; optional wheels (liger-kernel) may be carried in .whl/.
+# Run from the repository root; optional wheels (liger-kernel) may be carried in .whl/, and a built
+# demo cache (OPCOD_CACHE) saves the smoke run from building its students first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -14,23 +15,24 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 # opcod_kernels is imported from the checkout (kernels/ under its package name) without pip.
 mkdir -p /tmp/opcod_pkg && ln -sfn "$PWD/kernels" /tmp/opcod_pkg/opcod_kernels && export PYTHONPATH="/tmp/opcod_pkg:$PYTHONPATH"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+date -u +"%Y-%m-%d %H:%M UTC" | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 echo "== kernels vs float64 reference on CUDA"
 timeout 150 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$out/kernels.log" | tail -3
 
 echo "== benchmarks at Qwen3-8B shapes"
-timeout 300 python3 -m pytest benchmarks/ -q -p no:cacheprovider 2>&1 | tee "$out/bench.log" \
+timeout 270 python3 -m pytest benchmarks/ -q -p no:cacheprovider 2>&1 | tee "$out/bench.log" \
   | sed -n '/fused_linear_jsd fwd+bwd/,/Peak = memory/p'
 
 if [ -f opcod/train.py ] && [ -f benchmarks/gpu_smoke.yaml ]; then
   echo "== training smoke run"
-  timeout 120 torchrun --nproc_per_node=1 -m opcod.train --config benchmarks/gpu_smoke.yaml \
+  timeout 150 torchrun --nproc_per_node=1 -m opcod.train --config benchmarks/gpu_smoke.yaml \
     output_dir="$out/runs" 2>&1 | tee "$out/smoke.log" | tail -15
 fi
 
-echo "== summary"
+echo "== summary ($SECONDS s)"
 if [ -f "$out/runs/gpu_smoke/metrics.jsonl" ]; then
   python3 - "$out/runs/gpu_smoke/metrics.jsonl" <<'PY'
 import json, sys

@@ -19,11 +19,19 @@ HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
 def make_inputs(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, H, generator=g)
-    ht = hs + 0.1 * torch.randn(n, H, generator=g)  # a teacher near the student, as in SDPO
-    W = torch.randn(V, H, generator=g) / H ** 0.5
-    return [t.to(DEVICE, DTYPE) for t in (hs, ht, W)]
+    g = torch.Generator(DEVICE).manual_seed(seed)  # drawn where they are used: no host copy of W
+    hs = torch.randn(n, H, generator=g, device=DEVICE)
+    ht = hs + 0.1 * torch.randn(n, H, generator=g, device=DEVICE)  # a teacher near the student, as in SDPO
+    W = torch.randn(V, H, generator=g, device=DEVICE) / H ** 0.5
+    return [t.to(DTYPE) for t in (hs, ht, W)]
+
+
+def grad_bytes(n: int, impl: str) -> int:
+    """The gradients an implementation ends up holding: dH and dW in the input dtype, plus, for
+    ours, the fp32 dW accumulator the spec asks for when the inputs are not fp32."""
+    item = torch.finfo(DTYPE).bits // 8
+    acc = V * H * 4 if impl in ("fused", "gemm_floor") and DTYPE != torch.float32 else 0
+    return n * H * item + V * H * item + acc
 
 
 def _leaves(hs, W):

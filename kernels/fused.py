@@ -9,7 +9,8 @@ from . import cpp_rows, torch_rows
 BACKENDS = ("auto", "triton", "cpp", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 # Workspace for one chunk of logits (fp32 student + teacher rows, plus a bf16 copy on CUDA).
-DEFAULT_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 1 << 29}
+# CUDA: 768 MiB of logits rows keep the whole workspace (with cuBLAS's own) under 1 GiB.
+DEFAULT_BUDGET_BYTES = {"cuda": 768 << 20, "cpu": 1 << 29}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -224,13 +225,15 @@ class _FusedLinearJSDFunction(torch.autograd.Function):
             row_scale = (grad_out.float() * w).contiguous()
             _, dH, dW = _chunked(h_s, h_t, W, W if ctx.shared else W_t, row_scale, beta,
                                  inv_ts, inv_tt, chunk, rows_fn, want_dh, want_dw, True)
+            g = None
         else:
             dH, dW = ctx.saved_tensors
             g = grad_out.float()  # a scalar; always applied, since testing it for 1 would sync
             dH = None if dH is None else dH * g.to(dH.dtype)
-            dW = None if dW is None else dW * g
-        if dW is not None:
-            dW = dW.to(ctx.w_dtype)
+        if dW is not None and (g is not None or dW.dtype != ctx.w_dtype):
+            # Scaled in fp32 and rounded on store into the weight's dtype: no second fp32 [V, H].
+            out = torch.empty_like(dW, dtype=ctx.w_dtype)
+            dW = torch.mul(dW, 1.0 if g is None else g, out=out)
         return dH, None, dW, None, None, None, None, None, None, None, None
 
 
