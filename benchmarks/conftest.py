@@ -31,4 +31,4 @@ def pytest_terminal_summary(terminalreporter):
                          f"{speed:>12} {mem:>10} {fmt(work, 0):>9}")
     w.write_line("x floor: time / the same GEMMs without the row kernel. fused faster: this time / "
                  "fused time. fused mem: fused peak / this peak. Peak = memory beyond the inputs; work = "
-                 "peak - (dH + dW, and for fused/gemm_floor the fp32 dW accumulator when inputs are bf16).")
+                 "peak - (dH + dW, plus our fp32 dW accumulator when inputs are bf16).")

@@ -30,7 +30,10 @@ def grad_bytes(n: int, impl: str) -> int:
     """The gradients an implementation ends up holding: dH and dW in the input dtype, plus, for
     ours, the fp32 dW accumulator the spec asks for when the inputs are not fp32."""
     item = torch.finfo(DTYPE).bits // 8
-    acc = V * H * 4 if impl in ("fused", "gemm_floor") and DTYPE != torch.float32 else 0
+    low = DTYPE != torch.float32
+    if impl == "gemm_floor":  # no backward: dH and the accumulator, never the returned dW
+        return n * H * item + V * H * (4 if low else item)
+    acc = V * H * 4 if impl == "fused" and low else 0
     return n * H * item + V * H * item + acc
 
 
