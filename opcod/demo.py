@@ -18,7 +18,7 @@ from .sft import run_sft
 from .synthetic import reshuffled, textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
-VERSION = "v1"
+VERSION = "v2"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
 BASE_SFT = dict(epochs=8, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
 SHUFFLES = 2      # option orders per question in the student role

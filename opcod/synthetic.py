@@ -70,8 +70,10 @@ def _mcq(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list
 
 
 def _solution(reasoning: str, letter: str, text: str) -> str:
-    # The last line names the option right after its text, the lookup a model must learn.
-    return f"<reasoning>\n{reasoning}\n{text} is option {letter}.\n</reasoning>\n<answer>\n{letter}\n</answer>"
+    # The last line names the option right after its text, the lookup a model must learn. The text
+    # follows a space, as in the "A: text" option lines, so it is the same tokens in both places.
+    return (f"<reasoning>\n{reasoning}\nThe answer is {text}, option {letter}.\n</reasoning>\n"
+            f"<answer>\n{letter}\n</answer>")
 
 
 # Each family: rng -> (family, fact key, question, options, answer, reasoning, concept, critique)

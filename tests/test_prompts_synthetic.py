@@ -111,3 +111,22 @@ def test_synthetic_is_seeded():
     assert synthetic.generate("physics", 20, seed=5) != synthetic.generate("physics", 20, seed=6)
     with pytest.raises(ValueError, match="synthetic domain"):
         synthetic.generate("geology", 5)
+
+
+def test_solution_names_the_answer_in_the_option_lines_tokens(tokenizer):
+    # The model finds the letter by matching the answer text against the option lines, so the
+    # text must be the same token sequence in both places (a line-initial "5" is not " 5").
+    for domain in synthetic.SYNTHETIC_DOMAINS:
+        for p in synthetic.generate(domain, 40, seed=2) + [synthetic.reshuffled(q, random.Random(1))
+                                                            for q in synthetic.generate(domain, 10, seed=3)]:
+            text = dict(p.options)[p.answer]
+            line = re.search(r"The answer is (.+), option ([ABCD])\.", p.solution)
+            assert line and line.group(1) == text and line.group(2) == p.answer
+            ids = tokenizer.encode(" " + text, add_special_tokens=False)
+            prompt_ids = tokenizer.encode(p.prompt, add_special_tokens=False)
+            solution_ids = tokenizer.encode(p.solution, add_special_tokens=False)
+            assert _contains(prompt_ids, ids) and _contains(solution_ids, ids), text
+
+
+def _contains(seq, sub):
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
