@@ -15,14 +15,17 @@ import torch.distributed as dist
 from . import prompts
 from .config import Config, SFTConfig, StudentConfig
 from .sft import run_sft
-from .synthetic import reshuffled, textbook, wrong_attempt
+from .synthetic import LETTERS, reshuffled, textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
 VERSION = "v2"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
-BASE_SFT = dict(epochs=8, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+BASE_SFT = dict(epochs=6, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
 SHUFFLES = 2      # option orders per question in the student role
 BOOK_REPEATS = 3  # the textbook is short; repeat it so its facts are seen as often as the MCQs
+# Copying lines from the prompt (an induction head) is what every checked option line needs; a
+# model trained from scratch lacks it, and it forms within a few hundred steps of copy drills.
+COPY = dict(count=16000, epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
 DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
@@ -48,6 +51,19 @@ def records(problems, seed: int) -> list[dict]:
                     "response": p.meta["feedback"]})
         teacher = prompts.reprompt_message(p.prompt, p.solution, critique if rng.random() < 0.5 else None)
         out.append({"messages": prompts.messages(teacher), "response": p.solution})
+    return out
+
+
+def copy_drills(problems, n: int, seed: int) -> list[dict]:
+    """n drills that repeat four random option texts of `problems`, given as "A: text" lines."""
+    rng = random.Random(seed)
+    pool = sorted({t for p in problems for _, t in p.options})
+    out = []
+    for _ in range(n):
+        options = list(zip(LETTERS, rng.sample(pool, 4)))
+        user = prompts.student_user_message("Repeat the options.", options)
+        out.append({"messages": prompts.messages(user, system=None),
+                    "response": "\n".join(f"{label}: {text}" for label, text in options)})
     return out
 
 
@@ -83,10 +99,14 @@ def prepare(cfg: Config) -> Config:
         book = [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "response": fact}
                 for d in domains for topic, fact in textbook(d)]
         _write(root / "base.jsonl", records(train_set, cfg.seed) + book * BOOK_REPEATS)
+        _write(root / "copy.jsonl", copy_drills(train_set, COPY["count"], cfg.seed))
         for d in domains:
             _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1))
     dist.barrier()
-    run_sft(SFTConfig(model=str(root / "init"), output=str(root / "base"), data=str(root / "base.jsonl"),
+    copy = {k: v for k, v in COPY.items() if k != "count"}
+    run_sft(SFTConfig(model=str(root / "init"), output=str(root / "copier"), data=str(root / "copy.jsonl"),
+                      seed=cfg.seed, **copy), log=_log)
+    run_sft(SFTConfig(model=str(root / "copier"), output=str(root / "base"), data=str(root / "base.jsonl"),
                       seed=cfg.seed, **BASE_SFT), log=_log)
     for s, d in zip(students, domains):
         run_sft(SFTConfig(model=str(root / "base"), output=s.path, data=str(root / f"{d}.jsonl"),

@@ -69,11 +69,19 @@ def _mcq(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list
     return options, LETTERS[texts.index(correct)]
 
 
-def _solution(reasoning: str, letter: str, text: str) -> str:
-    # The last line names the option right after its text, the lookup a model must learn. The text
-    # follows a space, as in the "A: text" option lines, so it is the same tokens in both places.
-    return (f"<reasoning>\n{reasoning}\nThe answer is {text}, option {letter}.\n</reasoning>\n"
-            f"<answer>\n{letter}\n</answer>")
+def _solution(reasoning: str, options: list[tuple[str, str]], letter: str) -> str:
+    # After the recalled fact, the options are checked in order up to the one that matches, so the
+    # letter is the last line's: copying and a yes/no per line are skills a tiny model learns fast,
+    # unlike finding a text among the options. The answer text follows a space, as in the "A: text"
+    # option lines, so it is the same tokens in both places.
+    checks = []
+    for label, text in options:
+        checks.append(f"{label}: {text} - {'yes' if label == letter else 'no'}")
+        if label == letter:
+            break
+    text = dict(options)[letter]
+    return (f"<reasoning>\n{reasoning}\n" + "\n".join(checks) + f"\nThe answer is {text}, option {letter}."
+            f"\n</reasoning>\n<answer>\n{letter}\n</answer>")
 
 
 # Each family: rng -> (family, fact key, question, options, answer, reasoning, concept, critique)
@@ -257,7 +265,7 @@ def generate(domain: str, n: int, seed: int = 0) -> list[Problem]:
         seen.add(question)
         out.append(Problem(
             id=f"{domain}-synth-{seed}-{len(out)}", domain=domain, question=question,
-            options=options, answer=answer, solution=_solution(reasoning, answer, dict(options)[answer]),
+            options=options, answer=answer, solution=_solution(reasoning, options, answer),
             meta={"family": family.__name__.lstrip("_"), "source": "synthetic",
                   "feedback": f"<concept>{concept}</concept>\n{critique}"}))
     if len(out) < n:
@@ -274,14 +282,14 @@ def reshuffled(problem: Problem, rng: random.Random) -> Problem:
     letter = LETTERS[texts.index(correct)]
     reasoning = problem.solution.split("<reasoning>\n", 1)[1].split("\n", 1)[0]
     return dataclasses.replace(problem, options=options, answer=letter,
-                               solution=_solution(reasoning, letter, correct))
+                               solution=_solution(reasoning, options, letter))
 
 
 def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     """A well-formed response that picks a wrong option (for feedback examples and tests)."""
     letter = rng.choice([label for label, _ in problem.options if label != problem.answer])
     text = dict(problem.options)[letter]
-    return _solution(f"I think the answer is {text}.", letter, text)
+    return _solution(f"I think the answer is {text}.", problem.options, letter)
 
 
 def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:

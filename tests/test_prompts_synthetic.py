@@ -130,3 +130,25 @@ def test_solution_names_the_answer_in_the_option_lines_tokens(tokenizer):
 
 def _contains(seq, sub):
     return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_solutions_check_options_in_order_up_to_the_answer():
+    for domain in synthetic.SYNTHETIC_DOMAINS:
+        for p in synthetic.generate(domain, 30, seed=4):
+            checks = re.findall(r"^([ABCD]): (.+) - (yes|no)$", p.solution, flags=re.MULTILINE)
+            upto = "ABCD".index(p.answer) + 1
+            assert [(label, text) for label, text, _ in checks] == p.options[:upto]
+            assert [v for *_, v in checks] == ["no"] * (upto - 1) + ["yes"]
+
+
+def test_copy_drills_repeat_train_options_only():
+    from opcod.demo import copy_drills
+    train, test = synthetic.splits("chemistry", 60, 20, seed=0)
+    recs = copy_drills(train, 50, seed=3)
+    train_texts = {t for p in train for _, t in p.options}
+    for r in recs:
+        lines = r["response"].split("\n")
+        assert [line[:3] for line in lines] == ["A: ", "B: ", "C: ", "D: "]
+        assert all(line[3:] in train_texts for line in lines)
+        assert r["response"] in r["messages"][-1]["content"]  # the lines are copied from the prompt
+        assert all(m["role"] != "system" for m in r["messages"])
