@@ -95,8 +95,10 @@ def available() -> bool:
 
 
 def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: torch.Tensor,
-             inv_ts: float, inv_tt: float, beta: float, write_grad: bool) -> None:
-    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32, CPU)."""
+             inv_ts: float, inv_tt: float, beta: float, write_grad: bool,
+             grad_out: torch.Tensor | None = None) -> None:
+    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32, CPU), also
+    copied into grad_out (e.g. bf16) when given."""
     lib = load()
     assert lib is not None, "call available() first"
     C, V = zs.shape
@@ -104,3 +106,5 @@ def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: 
     lib.opcod_jsd_rows(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
                        row_scale.data_ptr(), loss.data_ptr(), C, V, inv_ts, inv_tt, beta,
                        int(write_grad), torch.get_num_threads())
+    if write_grad and grad_out is not None:
+        grad_out.copy_(zs)

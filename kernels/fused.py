@@ -82,7 +82,8 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
 # ----------------------------------------------------------------------------- dispatch
 
 def _rows_fn(backend: str, device: torch.device):
-    """The row kernel for a backend: (zs, zt, row_scale, loss, inv_ts, inv_tt, beta, write_grad)."""
+    """The row kernel for a backend: (zs, zt, row_scale, loss, inv_ts, inv_tt, beta, write_grad,
+    grad_out=None)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpp"
     if backend == "triton":
@@ -147,6 +148,9 @@ def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
     W_f = W.float() if low_cpu else W
     W_tf = (W_f if shared else W_t.float()) if low_cpu else W_t
     buf = torch.empty(2 * chunk, V, dtype=torch.float32, device=device)
+    # Low-precision weights take the gradient in their dtype, written by the row kernel itself.
+    gbuf = torch.empty(chunk, V, dtype=W_f.dtype, device=device) \
+        if write_grad and W_f.dtype != torch.float32 else None
     for start in range(0, N, chunk):
         c = min(chunk, N - start)
         hs = h_s[start:start + c]
@@ -160,11 +164,11 @@ def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
             _mm_f32(hs, W_f.T, out=z[:c])
             _mm_f32(ht, W_tf.T, out=z[c:])
         zs, zt = z[:c], z[c:]
+        g = zs if gbuf is None else gbuf[:c]
         rows_fn(zs, zt, row_scale[start:start + c], loss_rows[start:start + c],
-                inv_ts, inv_tt, beta, write_grad)
+                inv_ts, inv_tt, beta, write_grad, grad_out=None if gbuf is None else g)
         if not write_grad:
             continue
-        g = zs if (zs.dtype == W_f.dtype) else zs.to(W_f.dtype)
         if dH is not None:
             if dH.dtype == g.dtype:
                 torch.mm(g, W_f, out=dH[start:start + c])

@@ -5,8 +5,10 @@ import torch
 
 
 def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: torch.Tensor,
-             inv_ts: float, inv_tt: float, beta: float, write_grad: bool) -> None:
-    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32).
+             inv_ts: float, inv_tt: float, beta: float, write_grad: bool,
+             grad_out: torch.Tensor | None = None) -> None:
+    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32), also
+    copied into grad_out (e.g. bf16) when given.
 
     Allocates a few [C, V] fp32 temporaries: bounded by the chunk, as the chunk loop requires.
     """
@@ -42,3 +44,5 @@ def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: 
     loss.copy_(torch.where(keep, row.float(), torch.zeros_like(loss)))
     if write_grad:
         zs.copy_(grad * (row_scale * inv_ts)[:, None])
+        if grad_out is not None:
+            grad_out.copy_(zs)

@@ -61,19 +61,20 @@ def _row_terms(us, ut, ls, dl, beta, MODE: tl.constexpr):
 
 
 @triton.jit
-def _jsd_rows_kernel(zs_ptr, zt_ptr, scale_ptr, loss_ptr, stride_s, stride_t, V,
+def _jsd_rows_kernel(zs_ptr, zt_ptr, g_ptr, scale_ptr, loss_ptr, stride_s, stride_t, stride_g, V,
                      inv_ts, inv_tt, beta,
                      MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
+    g_row = g_ptr + row * stride_g  # the gradient's destination: zs itself, or a bf16 buffer
     offs = tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr + row)
     if scale == 0.0:
         if WRITE_GRAD:
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                tl.store(zs_row + cols, tl.zeros([BLOCK], tl.float32), mask=cols < V)
+                tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
         tl.store(loss_ptr + row, 0.0)
     else:
         # Pass 1: both log-sum-exps, online over vocabulary blocks; sums in float64.
@@ -119,7 +120,7 @@ def _jsd_rows_kernel(zs_ptr, zt_ptr, scale_ptr, loss_ptr, stride_s, stride_t, V,
                     if WRITE_GRAD:
                         small = (d > -0.5) & (d < 0.5)
                         grad = tl.where(small, -q * _expm1(tl.minimum(tl.maximum(d, -0.5), 0.5)), q - p)
-                        tl.store(zs_row + cols, grad * gscale, mask=mask)
+                        tl.store(g_row + cols, (grad * gscale).to(g_ptr.dtype.element_ty), mask=mask)
         if MODE == 0:
             loss = acc_p
         elif MODE == 1:
@@ -142,7 +143,7 @@ def _jsd_rows_kernel(zs_ptr, zt_ptr, scale_ptr, loss_ptr, stride_s, stride_t, V,
                         grad = q * (-d - c)
                     else:
                         grad = (1.0 - beta) * q * (-g - c)
-                    tl.store(zs_row + cols, grad * gscale, mask=mask)
+                    tl.store(g_row + cols, (grad * gscale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _kernel_for(device: torch.device):
@@ -161,8 +162,9 @@ def beta_mode(beta: float) -> int:
 
 def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: torch.Tensor,
              inv_ts: float, inv_tt: float, beta: float, write_grad: bool,
-             block: int | None = None) -> None:
-    """Per-row loss into `loss`; if write_grad, zs becomes row_scale * dL/dz_s (fp32)."""
+             grad_out: torch.Tensor | None = None, block: int | None = None) -> None:
+    """Per-row loss into `loss`; if write_grad, row_scale * dL/dz_s goes into zs (fp32), or
+    straight into grad_out (e.g. bf16) when given, which saves a conversion pass over the chunk."""
     C, V = zs.shape
     if C == 0:
         return
@@ -170,6 +172,8 @@ def jsd_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: 
         block = min(4096, triton.next_power_of_2(V)) if zs.is_cuda else min(1024, triton.next_power_of_2(V))
     kernel = _kernel_for(zs.device)
     kwargs = {"num_warps": 8} if zs.is_cuda else {}
-    kernel[(C,)](zs, zt, row_scale, loss, zs.stride(0), zt.stride(0), V,
+    g = zs if grad_out is None else grad_out
+    assert g.shape == zs.shape and g.stride(1) == 1
+    kernel[(C,)](zs, zt, g, row_scale, loss, zs.stride(0), zt.stride(0), g.stride(0), V,
                  float(inv_ts), float(inv_tt), float(beta),
                  MODE=beta_mode(beta), WRITE_GRAD=bool(write_grad), BLOCK=block, **kwargs)
