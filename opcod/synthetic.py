@@ -71,8 +71,8 @@ def _mcq(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list
 
 def _solution(reasoning: str, options: list[tuple[str, str]], letter: str) -> str:
     # After the recalled fact, the options are checked in order up to the one that matches, so the
-    # letter is the last line's: copying and a yes/no per line are skills a tiny model learns fast,
-    # unlike finding a text among the options. The answer text follows a space, as in the "A: text"
+    # letter is the last line's: copying and a yes/no per line came sooner to the tiny demo model
+    # than finding a text among the options. The answer text follows a space, as in the "A: text"
     # option lines, so it is the same tokens in both places.
     checks = []
     for label, text in options:
