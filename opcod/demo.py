@@ -20,12 +20,12 @@ from .tiny import build_tokenizer, create_model_dir, tiny_config
 
 VERSION = "v2"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
-BASE_SFT = dict(epochs=6, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+BASE_SFT = dict(epochs=5, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
 SHUFFLES = 2      # option orders per question in the student role
 BOOK_REPEATS = 3  # the textbook is short; repeat it so its facts are seen as often as the MCQs
 # Copying lines from the prompt (an induction head) is what every checked option line needs; a
 # model trained from scratch lacks it; a few hundred steps of copy drills start to form it.
-COPY = dict(count=16000, epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
+COPY = dict(count=32000, epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
 DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
