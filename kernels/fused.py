@@ -164,9 +164,10 @@ def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
             _mm_f32(hs, W_f.T, out=z[:c])
             _mm_f32(ht, W_tf.T, out=z[c:])
         zs, zt = z[:c], z[c:]
-        g = zs if gbuf is None else gbuf[:c]
+        low = None if gbuf is None else gbuf[:c]
         rows_fn(zs, zt, row_scale[start:start + c], loss_rows[start:start + c],
-                inv_ts, inv_tt, beta, write_grad, grad_out=None if gbuf is None else g)
+                inv_ts, inv_tt, beta, write_grad, grad_out=low)
+        g = zs if low is None else low
         if not write_grad:
             continue
         if dH is not None:

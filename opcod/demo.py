@@ -25,7 +25,8 @@ SHUFFLES = 2      # option orders per question in the student role
 BOOK_REPEATS = 3  # the textbook is short; repeat it so its facts are seen as often as the MCQs
 # Copying lines from the prompt (an induction head) is what every checked option line needs; a
 # model trained from scratch lacks it; a few hundred steps of copy drills start to form it.
-COPY = dict(count=32000, epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
+COPY_DRILLS = 32000
+COPY_SFT = dict(epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
 DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
@@ -99,13 +100,12 @@ def prepare(cfg: Config) -> Config:
         book = [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "response": fact}
                 for d in domains for topic, fact in textbook(d)]
         _write(root / "base.jsonl", records(train_set, cfg.seed) + book * BOOK_REPEATS)
-        _write(root / "copy.jsonl", copy_drills(train_set, COPY["count"], cfg.seed))
+        _write(root / "copy.jsonl", copy_drills(train_set, COPY_DRILLS, cfg.seed))
         for d in domains:
             _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1))
     dist.barrier()
-    copy = {k: v for k, v in COPY.items() if k != "count"}
     run_sft(SFTConfig(model=str(root / "init"), output=str(root / "copier"), data=str(root / "copy.jsonl"),
-                      seed=cfg.seed, **copy), log=_log)
+                      seed=cfg.seed, **COPY_SFT), log=_log)
     run_sft(SFTConfig(model=str(root / "copier"), output=str(root / "base"), data=str(root / "base.jsonl"),
                       seed=cfg.seed, **BASE_SFT), log=_log)
     for s, d in zip(students, domains):

@@ -34,6 +34,11 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 # ----------------------------------------------------------------------------- plumbing
 
 def init_distributed() -> tuple[int, int, torch.device]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m opcod.train`: a one-process group
             import socket
@@ -42,12 +47,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
         # Small bookkeeping tensors (feedback outcomes, scores) live on the CPU: gloo carries those.
         backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
