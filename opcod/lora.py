@@ -46,7 +46,10 @@ def merge_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str, tor
         if ".base." in key:
             prefix = key.split(".base.")[0]
             if key.endswith(".base.weight"):
-                value = value + scale * (sd[f"{prefix}.lora_B"].float() @ sd[f"{prefix}.lora_A"].float()).to(value.dtype)
+                # at least fp32 for the product (bf16 would round it), never below the weight's dtype
+                acc = torch.promote_types(value.dtype, torch.float32)
+                delta = sd[f"{prefix}.lora_B"].to(acc) @ sd[f"{prefix}.lora_A"].to(acc)
+                value = (value.to(acc) + scale * delta).to(value.dtype)
             key = key.replace(".base.", ".")
         out[key] = value
     return out
