@@ -53,7 +53,7 @@ def test_sft_run_learns_its_responses_and_writes_a_loadable_model(tmp_path, toke
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     before, init_model = _response_logprob(init, records)
     after, tuned = _response_logprob(tmp_path / "out", records)
-    assert after > before + 5.0, (before, after)  # summed log-prob of each response, in nats
+    assert after > before + 5.0, (before, after)  # mean over responses of each one's summed log-prob, nats
     same_embedding = torch.equal(init_model.get_input_embeddings().weight, tuned.get_input_embeddings().weight)
     assert same_embedding == bool(lora_rank)  # LoRA adapts the decoder's linear layers only
     assert (tmp_path / "out" / "sft_config.yaml").is_file()
