@@ -1,12 +1,13 @@
-"""The embedded default's students: a tiny Qwen3-architecture base trained on a textbook of both
-synthetic domains' facts and on their worked solutions, tutor feedback and teacher reprompts,
-then one SFT student per domain; built on first use and cached, so later runs start at once."""
+"""The embedded default's students: a tiny Qwen3-architecture base that knows the common facts of
+both synthetic domains and plays every OPCoD role, then one SFT student per domain that also
+knows its domain's specialist facts; built on first use and cached, so later runs start at once."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -15,19 +16,25 @@ import torch.distributed as dist
 from . import prompts
 from .config import Config, SFTConfig, StudentConfig
 from .sft import run_sft
-from .synthetic import LETTERS, reshuffled, textbook, wrong_attempt
+from .synthetic import textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
-VERSION = "v2"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
+VERSION = "v4"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
-BASE_SFT = dict(epochs=5, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
-SHUFFLES = 2      # option orders per question in the student role
-BOOK_REPEATS = 3  # the textbook is short; repeat it so its facts are seen as often as the MCQs
-# Copying lines from the prompt (an induction head) is what every checked option line needs; a
-# model trained from scratch lacks it; a few hundred steps of copy drills start to form it.
-COPY_DRILLS = 32000
-COPY_SFT = dict(epochs=1, lr=3e-3, batch_size=64, lora_rank=0, warmup_ratio=0.05)
-DOMAIN_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.1)
+# The base learns in two stages. Answering is the slow skill: mixed with the tutor and teacher
+# records from the start, it learned less in twice the steps. So it first reads the worked
+# solutions and the textbook; fitting them comes early, but answering held-out phrasings from the
+# item in the question came only after 10-16 epochs, and weight decay makes it come surely.
+KNOWLEDGE_SFT = dict(epochs=16, lr=2e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05, weight_decay=0.1)
+BOOK_REPEATS = 2  # the textbook also states the facts of items no train question asks about
+# Then the roles: the tutor's feedback, and the self-teacher with a solution, feedback or both in
+# its context, with drills on made-up items so that it learns to read that context.
+TEACHER_DRILLS = 320
+ROLES_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
+# Each student then reads its own domain's worked solutions, roles and whole textbook: enough to
+# learn the specialist facts (LoRA at this size learned them for train questions only), gentle
+# enough to keep the other domain (at lr 1e-3 a student lost half of it).
+DOMAIN_SFT = dict(epochs=3, lr=5e-4, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
 def cache_dir() -> Path:
@@ -38,34 +45,63 @@ def cache_dir() -> Path:
 
 def records(problems, seed: int) -> list[dict]:
     """Every role on each problem: the student's worked solution, the tutor's feedback on a wrong
-    attempt, and the self-teacher answering with a correct solution (and feedback) in its context,
-    so one tiny model can play all three parts of OPCoD."""
+    attempt, and the self-teacher answering with a correct solution, feedback or both in its
+    context (OPCoD gives it each of the three), so one tiny model can play all parts of OPCoD."""
     rng = random.Random(seed)
     out = []
     for p in problems:
         critique = p.meta["feedback"].split("</concept>", 1)[1].strip()
-        # The same question under several option orders: the letter cannot be memorised from the
-        # question, only found by looking the recalled fact up among the options.
-        for variant in [p] + [reshuffled(p, rng) for _ in range(SHUFFLES - 1)]:
-            out.append({"messages": prompts.messages(variant.prompt), "response": variant.solution})
+        out.append(solution_record(p))
         out.append({"messages": prompts.tutor_messages(p.prompt, wrong_attempt(p, rng)),
                     "response": p.meta["feedback"]})
-        teacher = prompts.reprompt_message(p.prompt, p.solution, critique if rng.random() < 0.5 else None)
-        out.append({"messages": prompts.messages(teacher), "response": p.solution})
+        solution, feedback = rng.choice([(p.solution, None), (None, critique), (p.solution, critique)])
+        out.append({"messages": prompts.messages(prompts.reprompt_message(p.prompt, solution, feedback)),
+                    "response": p.solution})
     return out
 
 
-def copy_drills(problems, n: int, seed: int) -> list[dict]:
-    """n drills that repeat four random option texts of `problems`, given as "A: text" lines."""
+def made_up_name(rng: random.Random, like: str) -> str:
+    """A word no table holds, shaped like `like` (a symbol, a formula or a lower-case name)."""
+    if len(like) <= 2 and like[:1].isupper():
+        return rng.choice("QXZJ") + rng.choice("qxzjvw")[:len(like) - 1]
+    if any(ch.isdigit() for ch in like):
+        return f"{rng.choice('QXZJ')}{rng.choice('qxzv')}{rng.randint(2, 4)}"
+    syllables = ["zor", "bli", "quen", "vat", "mur", "dax", "pel", "tro", "gim", "sul"]
+    return "".join(rng.sample(syllables, 3)) + rng.choice(["ium", "ance", "ity", "on"])
+
+
+def teacher_drills(problems, n: int, seed: int) -> list[dict]:
+    """n self-teacher records about made-up items: the only way to their answer is the solution or
+    feedback in the context, so the teacher learns to read it instead of answering from memory.
+    (Trained on known items only, a student's teacher answered 29 of 40 held-out questions of its
+    weaker domain with a correct solution in context and 31 without; with these drills, 37.)"""
     rng = random.Random(seed)
-    pool = sorted({t for p in problems for _, t in p.options})
+    by_family: dict[str, list] = {}
+    for p in problems:
+        by_family.setdefault(p.meta["family"], []).append(p)
     out = []
     for _ in range(n):
-        options = list(zip(LETTERS, rng.sample(pool, 4)))
-        user = prompts.student_user_message("Repeat the options.", options)
-        out.append({"messages": prompts.messages(user, system=None),
-                    "response": "\n".join(f"{label}: {text}" for label, text in options)})
+        family = rng.choice(sorted(by_family))
+        asked, source = rng.choice(by_family[family]), rng.choice(by_family[family])
+        fake = made_up_name(rng, asked.meta["item"])
+        item = re.compile(rf"(?<![\w(]){re.escape(asked.meta['item'])}(?![\w)])")
+        prompt = item.sub(fake, asked.prompt)
+        critique = source.meta["feedback"].split("</concept>", 1)[1].strip()
+        critique = re.sub(rf"(?<![\w(]){re.escape(source.meta['item'])}(?![\w)])", fake, critique)
+        solution, feedback = rng.choice([(source.solution, None), (None, critique), (source.solution, critique)])
+        out.append({"messages": prompts.messages(prompts.reprompt_message(prompt, solution, feedback)),
+                    "response": source.solution})
     return out
+
+
+def book(domains, common_only: bool) -> list[dict]:
+    """The domains' textbook as "Tell me about X." records."""
+    return [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "response": fact}
+            for d in domains for topic, fact in textbook(d, common_only)]
+
+
+def solution_record(p) -> dict:
+    return {"messages": prompts.messages(p.prompt), "response": p.solution}
 
 
 def _write(path: Path, recs: list[dict]) -> str:
@@ -97,17 +133,18 @@ def prepare(cfg: Config) -> Config:
         tok = build_tokenizer(corpus, vocab_size=BASE["vocab"])
         create_model_dir(root / "init", tok, tiny_config(len(tok), BASE["hidden"], BASE["layers"], BASE["heads"],
                                                          BASE["kv_heads"], BASE["intermediate"]), seed=cfg.seed)
-        book = [{"messages": [{"role": "user", "content": f"Tell me about {topic}."}], "response": fact}
-                for d in domains for topic, fact in textbook(d)]
-        _write(root / "base.jsonl", records(train_set, cfg.seed) + book * BOOK_REPEATS)
-        _write(root / "copy.jsonl", copy_drills(train_set, COPY_DRILLS, cfg.seed))
+        # The base knows the common facts of both domains; each student also learns its own
+        # domain's specialist facts, so each is ahead on its own domain and the two stay close.
+        common = [p for p in train_set if p.meta["common"]]
+        _write(root / "knowledge.jsonl", [solution_record(p) for p in common] + book(domains, True) * BOOK_REPEATS)
+        _write(root / "roles.jsonl", records(common, cfg.seed) + teacher_drills(common, TEACHER_DRILLS, cfg.seed))
         for d in domains:
-            _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1))
+            _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1) + book([d], False) * BOOK_REPEATS)
     dist.barrier()
-    run_sft(SFTConfig(model=str(root / "init"), output=str(root / "copier"), data=str(root / "copy.jsonl"),
-                      seed=cfg.seed, **COPY_SFT), log=_log)
-    run_sft(SFTConfig(model=str(root / "copier"), output=str(root / "base"), data=str(root / "base.jsonl"),
-                      seed=cfg.seed, **BASE_SFT), log=_log)
+    run_sft(SFTConfig(model=str(root / "init"), output=str(root / "reader"), data=str(root / "knowledge.jsonl"),
+                      seed=cfg.seed, **KNOWLEDGE_SFT), log=_log)
+    run_sft(SFTConfig(model=str(root / "reader"), output=str(root / "base"), data=str(root / "roles.jsonl"),
+                      seed=cfg.seed, **ROLES_SFT), log=_log)
     for s, d in zip(students, domains):
         run_sft(SFTConfig(model=str(root / "base"), output=s.path, data=str(root / f"{d}.jsonl"),
                           seed=cfg.seed, **DOMAIN_SFT), log=_log)

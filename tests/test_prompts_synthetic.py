@@ -49,38 +49,31 @@ def test_tutor_prompt_contains_problem_and_attempt():
 
 
 def _recompute(p):
-    """The right option text, recomputed from the generator's tables, never from its answer."""
+    """The right class, recomputed from the generator's tables, never from its answer."""
     q, fam = p.question, p.meta["family"]
-    by_sym = {e[0]: e for e in synthetic.ELEMENTS}
-    by_name = {e[1]: e for e in synthetic.ELEMENTS}
-    if fam == "symbol_to_name":
-        return by_sym[re.search(r"symbol (?:is )?(\w+)[ ?.]", q).group(1)][1]
-    if fam == "name_to_symbol":
-        return by_name[re.search(r"(?:symbol of|stands for|table,) (\w+)", q).group(1)][0]
-    if fam == "atomic_number":
-        return str(by_name[re.search(r"(?:number of|atom of|belongs to) (\w+)", q).group(1)][2])
-    if fam == "molar_mass":
-        formula = re.search(r"\b((?:[A-Z][a-z]?\d*)+)\b", q.replace("SI", "")).group(1)
-        total = sum(dict((e[0], e[3]) for e in synthetic.ELEMENTS)[s] * int(n or 1)
-                    for s, n in re.findall(r"([A-Z][a-z]?)(\d*)", formula))
-        return f"{total:.2f} g/mol"
+    elements = {name: g for _, name, g in synthetic.ELEMENTS}
+    symbols = {sym: g for sym, _, g in synthetic.ELEMENTS}
+
+    def key(table):  # the one table key the question names (longest match: "air pressure" over "pressure")
+        hits = [k for k in table if re.search(rf"(?<![\w(]){re.escape(k)}(?![\w)])", q)]
+        assert hits, (q, fam)
+        return table[max(hits, key=len)]
+    if fam == "element_group":
+        return synthetic.GROUPS[key(elements)][0]
+    if fam == "symbol_group":
+        return synthetic.GROUPS[symbols[re.search(r"(?:symbol|element) ([A-Z]\w*)", q).group(1)]][0]
+    if fam == "ion_charge":
+        return synthetic.ION_CHARGES[key(elements)]
+    if fam == "compound_class":
+        return synthetic.COMPOUND_CLASSES[key(dict(synthetic.COMPOUNDS))][0]
     if fam == "si_unit":
-        quantity = re.search(r"(?:unit of (.+)\?|SI units, (.+) is measured|used for (.+)\?)", q)
-        return {qq: u for qq, u, _ in synthetic.QUANTITIES}[next(g for g in quantity.groups() if g)]
+        return synthetic.UNITS[key(dict(synthetic.QUANTITIES))][0]
     if fam == "unit_symbol":
-        return {u: qq for qq, u, _ in synthetic.QUANTITIES}[re.search(r"SI unit (\w+) \(", q).group(1)]
-    if fam == "conversion":
-        m = (re.search(r"How many (.+) are in one (.+)\?", q) or re.search(r"One (.+) equals how many (.+)\?", q)
-             or re.search(r"Convert one (.+) into (.+)\.", q))
-        a, b = m.groups()
-        big, small = (b, a) if q.startswith("How many") else (a, b)
-        return str({(bb, ss): f for bb, ss, f in synthetic.CONVERSIONS}[(big, small)])
-    if fam == "constant":
-        name = re.search(r"(?:value of|closest to|Approximately,) (.+?)(?:\?| equals)", q).group(1)
-        return {n: v for n, v, _ in synthetic.CONSTANTS}[name]
-    if fam == "speed_from_rest":
-        a, t = map(int, re.search(r"at (\d+) m/s\^2.*after (\d+) s", q).groups())
-        return f"{a * t} m/s"
+        return synthetic.UNITS[key(dict(synthetic.QUANTITIES))][1]
+    if fam == "branch":
+        return synthetic.BRANCHES[key(dict(synthetic.TOPICS))][0]
+    if fam == "instrument":
+        return synthetic.INSTRUMENTS[key(dict(synthetic.MEASURED))][0]
     raise AssertionError(fam)
 
 
@@ -113,42 +106,54 @@ def test_synthetic_is_seeded():
         synthetic.generate("geology", 5)
 
 
-def test_solution_names_the_answer_in_the_option_lines_tokens(tokenizer):
-    # The model finds the letter by matching the answer text against the option lines, so the
-    # text must be the same token sequence in both places (a line-initial "5" is not " 5").
+def test_options_are_fixed_per_family_and_classes_balanced():
+    # The letter follows from the class: each family lists its four classes in one order, and
+    # every class is the answer equally often over the family's items (chance stays 25 %).
     for domain in synthetic.SYNTHETIC_DOMAINS:
-        for p in synthetic.generate(domain, 40, seed=2) + [synthetic.reshuffled(q, random.Random(1))
-                                                            for q in synthetic.generate(domain, 10, seed=3)]:
+        problems = synthetic.generate(domain, 400, seed=0)
+        by_family = {}
+        for p in problems:
+            by_family.setdefault(p.meta["family"], []).append(p)
+        for fam, ps in by_family.items():
+            assert len({tuple(p.options) for p in ps}) == 1, fam
+            assert len(ps) == 100 and sorted(p.answer for p in ps) == sorted("ABCD" * 25), fam
+
+
+def test_solution_states_hint_then_class_and_textbook_holds_every_fact_line():
+    for domain in synthetic.SYNTHETIC_DOMAINS:
+        book = set(synthetic.textbook(domain))
+        assert len(book) == 80
+        for p in synthetic.generate(domain, 240, seed=2):
             text = dict(p.options)[p.answer]
-            line = re.search(r"The answer is (.+), option ([ABCD])\.", p.solution)
-            assert line and line.group(1) == text and line.group(2) == p.answer
-            ids = tokenizer.encode(" " + text, add_special_tokens=False)
-            prompt_ids = tokenizer.encode(p.prompt, add_special_tokens=False)
-            solution_ids = tokenizer.encode(p.solution, add_special_tokens=False)
-            assert _contains(prompt_ids, ids) and _contains(solution_ids, ids), text
+            fact, last = p.solution.split("<reasoning>\n", 1)[1].split("\n")[:2]
+            concept = re.search(r"<concept>(.+)</concept>", p.meta["feedback"]).group(1)
+            assert (concept, fact) in book and re.search(rf"(?<![\w+-]){re.escape(text)}\.$", fact), (fact, text)
+            assert last == f"The answer is {text}, option {p.answer}."
+            # the critique carries the fact's hint, so feedback teaches; never the class itself
+            assert not re.search(rf"(?<![\w+-]){re.escape(text)}(?![\w])", p.meta["feedback"]), p.meta["feedback"]
+            assert "option" not in p.meta["feedback"].lower()
 
 
-def _contains(seq, sub):
-    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
-
-
-def test_solutions_check_options_in_order_up_to_the_answer():
-    for domain in synthetic.SYNTHETIC_DOMAINS:
-        for p in synthetic.generate(domain, 30, seed=4):
-            checks = re.findall(r"^([ABCD]): (.+) - (yes|no)$", p.solution, flags=re.MULTILINE)
-            upto = "ABCD".index(p.answer) + 1
-            assert [(label, text) for label, text, _ in checks] == p.options[:upto]
-            assert [v for *_, v in checks] == ["no"] * (upto - 1) + ["yes"]
-
-
-def test_copy_drills_repeat_train_options_only():
-    from opcod.demo import copy_drills
-    train, test = synthetic.splits("chemistry", 60, 20, seed=0)
-    recs = copy_drills(train, 50, seed=3)
-    train_texts = {t for p in train for _, t in p.options}
-    for r in recs:
-        lines = r["response"].split("\n")
-        assert [line[:3] for line in lines] == ["A: ", "B: ", "C: ", "D: "]
-        assert all(line[3:] in train_texts for line in lines)
-        assert r["response"] in r["messages"][-1]["content"]  # the lines are copied from the prompt
-        assert all(m["role"] != "system" for m in r["messages"])
+def test_demo_base_data_never_states_a_specialist_fact_and_drills_use_made_up_items():
+    from opcod import demo
+    domains = list(synthetic.SYNTHETIC_DOMAINS)
+    problems = [p for d in domains for p in synthetic.generate(d, 400, seed=0)]
+    specialist = {p.meta["item"] for p in problems if not p.meta["common"]}
+    common = [p for p in problems if p.meta["common"]]
+    assert len(specialist) == 24 and len(common) == 2 * 4 * 80  # names and symbols count apart
+    book = demo.book(domains, common_only=True)
+    assert len(book) == 2 * 64 and len(demo.book(["physics"], common_only=False)) == 80
+    def names(text):  # every table item the text mentions, as a whole word
+        return {p.meta["item"] for p in problems
+                if re.search(rf"(?<![\w(]){re.escape(p.meta['item'])}(?![\w)])", text)}
+    concept = {p.meta["common"]: set() for p in problems}
+    for p in problems:
+        concept[p.meta["common"]].add(re.search(r"<concept>(.+)</concept>", p.meta["feedback"]).group(1))
+    topics = {r["messages"][-1]["content"].removeprefix("Tell me about ").removesuffix(".") for r in book}
+    assert topics == concept[True] and not topics & concept[False]
+    drills = demo.teacher_drills(common, 200, seed=1)
+    for r in drills:
+        question = r["messages"][-1]["content"].split("\n\n")[0]
+        assert not names(question), question  # the asked item is made up
+        assert reward(r["response"], r["response"].split("option ")[1][0]) == 1.0
+        assert "Correct solution:" in r["messages"][-1]["content"] or "feedback" in r["messages"][-1]["content"]
