@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .data import Problem
 
@@ -105,126 +106,119 @@ def _fixed(classes: list[str], index: int) -> tuple[list[tuple[str, str]], str]:
     return list(zip(LETTERS, classes)), LETTERS[index]
 
 
-# Each family: rng -> (question, options, answer, reasoning, concept, critique, common knowledge?,
-#                       the item as the question names it)
-def _element_group(rng):
-    (sym, name, g), known = _draw(rng, ELEMENTS)
-    options, ans = _fixed([c for c, _ in GROUPS], g)
-    return (rng.choice([f"To which group of the periodic table does {name} belong?",
-                        f"In the periodic table, {name} is one of which group?",
-                        f"Which family of elements includes {name}?",
-                        f"Name the group of the periodic table that contains {name}.",
-                        f"Which group is {name} a member of?"]), options, ans,
-            f"It is in {GROUPS[g][1]}, the {GROUPS[g][0]}.",
-            f"group of {name}",
-            f"The attempt put {name} in the wrong family. It is in {GROUPS[g][1]}; recall what that "
-            f"group is called.", known, name)
+@dataclass(frozen=True)
+class Family:
+    """A question family: its table, its four classes in option order, and the templates that an
+    item's fields fill in (`item` names the field the question names the item by)."""
+    name: str
+    table: list[tuple]
+    classes: list[str]
+    fields: Callable[[tuple], dict[str, str]]
+    item: str
+    phrasings: tuple[str, ...]
+    reasoning: str
+    concept: str
+    critique: str
+
+    def __call__(self, rng: random.Random):
+        """(question, options, answer, reasoning, concept, critique, common knowledge?, item)"""
+        row, known = _draw(rng, self.table)
+        f = self.fields(row)
+        options, answer = _fixed(self.classes, row[-1])
+        return (rng.choice(self.phrasings).format(**f), options, answer, self.reasoning.format(**f),
+                self.concept.format(**f), self.critique.format(**f), known, f[self.item])
 
 
-def _symbol_group(rng):
-    (sym, name, g), known = _draw(rng, ELEMENTS)
-    options, ans = _fixed([c for c, _ in GROUPS], g)
-    return (rng.choice([f"The element with the chemical symbol {sym} belongs to which group?",
-                        f"Which group of the periodic table holds the element {sym}?",
-                        f"The chemical symbol {sym} names an element of which family?",
-                        f"Which family does the element {sym} belong to?",
-                        f"Name the group of the element with symbol {sym}."]), options, ans,
-            f"It is in {GROUPS[g][1]}, the {GROUPS[g][0]}.",
-            f"element {sym}",
-            f"The attempt misread the chemical symbol. It is {name}, in {GROUPS[g][1]}; recall what "
-            f"that group is called.", known, sym)
+def _element(row):
+    sym, name, g = row
+    return dict(sym=sym, name=name, group=GROUPS[g][0], number=GROUPS[g][1], charge=ION_CHARGES[g])
 
 
-def _ion_charge(rng):
-    (sym, name, g), known = _draw(rng, ELEMENTS)
-    options, ans = _fixed(ION_CHARGES, g)
-    return (rng.choice([f"What charge does the usual ion of {name} carry?",
-                        f"Which charge has the ion that {name} usually forms?",
-                        f"In its compounds, {name} usually forms an ion of which charge?",
-                        f"What is the charge of a {name} ion?",
-                        f"Which ion charge is typical of {name}?"]), options, ans,
-            f"It is in {GROUPS[g][1]}, so the charge of its usual ion is {ION_CHARGES[g]}.",
-            f"ion of {name}",
-            f"The attempt gave {name} the ion charge of another group. It is in {GROUPS[g][1]}; count "
-            f"the electrons it gains or loses to fill its outer shell.", known, name)
+def _quantity(row):
+    unit, sym, base = UNITS[row[1]]
+    return dict(quantity=row[0], unit=unit, sym=sym, base=base)
 
 
-def _compound_class(rng):
-    (formula, c), known = _draw(rng, COMPOUNDS)
-    options, ans = _fixed([k for k, _ in COMPOUND_CLASSES], c)
-    return (rng.choice([f"Which class of compound is {formula}?",
-                        f"The compound {formula} is best classified as which?",
-                        f"How is the compound {formula} classified?",
-                        f"To which class of compounds does {formula} belong?",
-                        f"Classify the compound {formula}."]), options, ans,
-            f"It {COMPOUND_CLASSES[c][1]}, so it is {_a(COMPOUND_CLASSES[c][0])}.",
-            f"compound {formula}",
-            f"The attempt misclassified the compound. It {COMPOUND_CLASSES[c][1]}; classify it by that.",
-            known, formula)
-
-
-def _si_unit(rng):
-    (quantity, u), known = _draw(rng, QUANTITIES)
-    options, ans = _fixed([name for name, _, _ in UNITS], u)
-    unit, _, base = UNITS[u]
-    return (rng.choice([f"What is the SI unit of {quantity}?",
-                        f"In SI units, {quantity} is measured in which unit?",
-                        f"Which SI unit is used for {quantity}?",
-                        f"Name the SI unit of {quantity}.",
-                        f"Which unit does the SI system use for {quantity}?"]), options, ans,
-            f"It is measured in {base}, which is the {unit}.",
-            f"SI unit of {quantity}",
-            f"The attempt picked the unit of a different quantity. In base units it is measured in "
-            f"{base}; name that unit.", known, quantity)
-
-
-def _unit_symbol(rng):
-    (quantity, u), known = _draw(rng, QUANTITIES)
-    options, ans = _fixed([sym for _, sym, _ in UNITS], u)
-    unit, sym, base = UNITS[u]
-    return (rng.choice([f"Which symbol denotes the SI unit of {quantity}?",
-                        f"The SI unit of {quantity} has which symbol?",
-                        f"Give the symbol of the SI unit of {quantity}.",
-                        f"What is the symbol of the SI unit of {quantity}?",
-                        f"Which symbol stands for the SI unit of {quantity}?"]), options, ans,
-            f"It is measured in {base}, which is the {unit}, symbol {sym}.",
-            f"symbol of the unit of {quantity}",
-            f"The attempt picked the symbol of a different unit. In base units it is measured in "
-            f"{base}; name that unit and its symbol.", known, quantity)
-
-
-def _branch(rng):
-    (topic, b), known = _draw(rng, TOPICS)
-    options, ans = _fixed([name for name, _ in BRANCHES], b)
-    return (rng.choice([f"Which branch of physics studies {topic}?",
-                        f"The study of {topic} belongs to which branch of physics?",
-                        f"In which branch of physics would you learn about {topic}?",
-                        f"Which area of physics covers {topic}?",
-                        f"Name the branch of physics that deals with {topic}."]), options, ans,
-            f"It is about {BRANCHES[b][1]}, which is {BRANCHES[b][0]}.",
-            f"{topic} in physics",
-            f"The attempt chose the wrong branch. The study of {topic} is about {BRANCHES[b][1]}; "
-            f"pick the branch of physics that studies those.", known, topic)
-
-
-def _instrument(rng):
-    (measured, i), known = _draw(rng, MEASURED)
-    options, ans = _fixed([name for name, _ in INSTRUMENTS], i)
-    name, reading = INSTRUMENTS[i]
-    return (rng.choice([f"Which instrument measures {measured}?",
-                        f"To measure {measured}, which instrument is used?",
-                        f"What instrument would you use to measure {measured}?",
-                        f"Name the instrument that measures {measured}.",
-                        f"Which instrument is used to measure {measured}?"]), options, ans,
-            f"It reads in {reading}, which is {_a(name)}.",
-            f"instrument for {measured.removeprefix('the ')}",
-            f"The attempt chose the wrong instrument. One for {measured} reads in {reading}; pick the "
-            f"one that does.", known, measured)
-
-
-FAMILIES: dict[str, list[Callable]] = {
-    "chemistry": [_element_group, _symbol_group, _ion_charge, _compound_class],
-    "physics": [_si_unit, _unit_symbol, _branch, _instrument],
+FAMILIES: dict[str, list[Family]] = {
+    "chemistry": [
+        Family("element_group", ELEMENTS, [c for c, _ in GROUPS], _element, "name",
+               ("To which group of the periodic table does {name} belong?",
+                "In the periodic table, {name} is one of which group?",
+                "Which family of elements includes {name}?",
+                "Name the group of the periodic table that contains {name}.",
+                "Which group is {name} a member of?"),
+               "It is in {number}, the {group}.", "group of {name}",
+               "The attempt put {name} in the wrong family. It is in {number}; recall what that group is called."),
+        Family("symbol_group", ELEMENTS, [c for c, _ in GROUPS], _element, "sym",
+               ("The element with the chemical symbol {sym} belongs to which group?",
+                "Which group of the periodic table holds the element {sym}?",
+                "The chemical symbol {sym} names an element of which family?",
+                "Which family does the element {sym} belong to?",
+                "Name the group of the element with symbol {sym}."),
+               "It is in {number}, the {group}.", "element {sym}",
+               "The attempt misread the chemical symbol. It is {name}, in {number}; recall what that group "
+               "is called."),
+        Family("ion_charge", ELEMENTS, ION_CHARGES, _element, "name",
+               ("What charge does the usual ion of {name} carry?",
+                "Which charge has the ion that {name} usually forms?",
+                "In its compounds, {name} usually forms an ion of which charge?",
+                "What is the charge of a {name} ion?",
+                "Which ion charge is typical of {name}?"),
+               "It is in {number}, so the charge of its usual ion is {charge}.", "ion of {name}",
+               "The attempt gave {name} the ion charge of another group. It is in {number}; count the "
+               "electrons it gains or loses to fill its outer shell."),
+        Family("compound_class", COMPOUNDS, [k for k, _ in COMPOUND_CLASSES],
+               lambda row: dict(formula=row[0], hint=COMPOUND_CLASSES[row[1]][1],
+                                a_class=_a(COMPOUND_CLASSES[row[1]][0])), "formula",
+               ("Which class of compound is {formula}?",
+                "The compound {formula} is best classified as which?",
+                "How is the compound {formula} classified?",
+                "To which class of compounds does {formula} belong?",
+                "Classify the compound {formula}."),
+               "It {hint}, so it is {a_class}.", "compound {formula}",
+               "The attempt misclassified the compound. It {hint}; classify it by that."),
+    ],
+    "physics": [
+        Family("si_unit", QUANTITIES, [name for name, _, _ in UNITS], _quantity, "quantity",
+               ("What is the SI unit of {quantity}?",
+                "In SI units, {quantity} is measured in which unit?",
+                "Which SI unit is used for {quantity}?",
+                "Name the SI unit of {quantity}.",
+                "Which unit does the SI system use for {quantity}?"),
+               "It is measured in {base}, which is the {unit}.", "SI unit of {quantity}",
+               "The attempt picked the unit of a different quantity. In base units it is measured in "
+               "{base}; name that unit."),
+        Family("unit_symbol", QUANTITIES, [sym for _, sym, _ in UNITS], _quantity, "quantity",
+               ("Which symbol denotes the SI unit of {quantity}?",
+                "The SI unit of {quantity} has which symbol?",
+                "Give the symbol of the SI unit of {quantity}.",
+                "What is the symbol of the SI unit of {quantity}?",
+                "Which symbol stands for the SI unit of {quantity}?"),
+               "It is measured in {base}, which is the {unit}, symbol {sym}.", "symbol of the unit of {quantity}",
+               "The attempt picked the symbol of a different unit. In base units it is measured in "
+               "{base}; name that unit and its symbol."),
+        Family("branch", TOPICS, [name for name, _ in BRANCHES],
+               lambda row: dict(topic=row[0], about=BRANCHES[row[1]][1], branch=BRANCHES[row[1]][0]), "topic",
+               ("Which branch of physics studies {topic}?",
+                "The study of {topic} belongs to which branch of physics?",
+                "In which branch of physics would you learn about {topic}?",
+                "Which area of physics covers {topic}?",
+                "Name the branch of physics that deals with {topic}."),
+               "It is about {about}, which is {branch}.", "{topic} in physics",
+               "The attempt chose the wrong branch. The study of {topic} is about {about}; pick the branch "
+               "of physics that studies those."),
+        Family("instrument", MEASURED, [name for name, _ in INSTRUMENTS],
+               lambda row: dict(measured=row[0], short=row[0].removeprefix("the "), reading=INSTRUMENTS[row[1]][1],
+                                an_instrument=_a(INSTRUMENTS[row[1]][0])), "measured",
+               ("Which instrument measures {measured}?",
+                "To measure {measured}, which instrument is used?",
+                "What instrument would you use to measure {measured}?",
+                "Name the instrument that measures {measured}.",
+                "Which instrument is used to measure {measured}?"),
+               "It reads in {reading}, which is {an_instrument}.", "instrument for {short}",
+               "The attempt chose the wrong instrument. One for {measured} reads in {reading}; pick the one "
+               "that does."),
+    ],
 }
 SYNTHETIC_DOMAINS = tuple(FAMILIES)
 
@@ -265,7 +259,7 @@ def generate(domain: str, n: int, seed: int = 0) -> list[Problem]:
         out.append(Problem(
             id=f"{domain}-synth-{seed}-{len(out)}", domain=domain, question=question,
             options=options, answer=answer, solution=_solution(reasoning, options, answer),
-            meta={"family": family.__name__.lstrip("_"), "source": "synthetic", "common": common, "item": item,
+            meta={"family": family.name, "source": "synthetic", "common": common, "item": item,
                   "feedback": f"<concept>{concept}</concept>\n{critique}"}))
     if len(out) < n:
         raise ValueError(f"synthetic domain {domain!r} has only {len(out)} distinct problems, asked for {n}")
@@ -282,7 +276,7 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
 @functools.lru_cache(maxsize=None)
 def _reasoning_lines(family: str) -> dict[str, str]:
     """The reasoning line that leads to each letter of a family (the lines never name the item)."""
-    fn = next(f for fs in FAMILIES.values() for f in fs if f.__name__ == "_" + family)
+    fn = next(f for fs in FAMILIES.values() for f in fs if f.name == family)
     lines: dict[str, str] = {}
     for seed in range(400):
         _, _, answer, reasoning, *_ = fn(random.Random(seed))
