@@ -15,7 +15,6 @@ lacks rather than the answer.
 """
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -273,15 +272,10 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     return _solution(_reasoning_lines(problem.meta["family"])[letter], problem.options, letter)
 
 
-@functools.lru_cache(maxsize=None)
 def _reasoning_lines(family: str) -> dict[str, str]:
     """The reasoning line that leads to each letter of a family (the lines never name the item)."""
-    fn = next(f for fs in FAMILIES.values() for f in fs if f.name == family)
-    lines: dict[str, str] = {}
-    for seed in range(400):
-        _, _, answer, reasoning, *_ = fn(random.Random(seed))
-        lines.setdefault(answer, reasoning)
-    return lines
+    fam = next(f for fs in FAMILIES.values() for f in fs if f.name == family)
+    return {LETTERS[row[-1]]: fam.reasoning.format(**fam.fields(row)) for row in fam.table}
 
 
 def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
