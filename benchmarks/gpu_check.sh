@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 6 minutes on one H200): the kernels on CUDA against the float64
+# The one prepared GPU check (about 7 minutes on one H200): the kernels on CUDA against the float64
 # reference, `pytest benchmarks/` at Qwen3-8B shapes (H=4096, V=151936, bf16, N in 2048/8192/16384),
-# and a short training smoke run when the trainer is present. Prints one table at the end.
+# the CUDA-IPC bucket handle crossing into a process that sees only this GPU, a short training smoke
+# run, and the memory rehearsal (a Qwen3-1.7B-shaped pair, two steps, measured peak beside
+# opcod.plan's). Prints one table at the end. The device image has no vLLM: the engines are `hf`.
 # Run from the repository root; optional wheels (liger-kernel) may be carried in .whl/, and a built
 # demo cache (OPCOD_CACHE) saves the smoke run from building its students first.
 set -uo pipefail
@@ -32,6 +34,12 @@ if [ -f opcod/train.py ] && [ -f benchmarks/gpu_smoke.yaml ]; then
     output_dir="$out/runs" 2>&1 | tee "$out/smoke.log" | tail -15
 fi
 
+echo "== CUDA-IPC bucket handle"
+timeout 60 python3 benchmarks/ipc_check.py 2>&1 | tee "$out/ipc.log" | tail -1
+
+echo "== memory rehearsal"
+timeout 240 python3 benchmarks/memory_rehearsal.py "$out/rehearsal" 2>&1 | tee "$out/rehearsal.log" | tail -30
+
 echo "== summary ($SECONDS s)"
 if [ -f "$out/runs/gpu_smoke/metrics.jsonl" ]; then
   python3 - "$out/runs/gpu_smoke/metrics.jsonl" <<'PY'
@@ -43,4 +51,6 @@ print(f"smoke run: {len(steps)} steps, mean step {sum(s['times']['step'] for s i
 PY
 fi
 grep -E "passed|failed" "$out/kernels.log" | tail -1
+grep "ipc bucket:" "$out/ipc.log" || echo "ipc bucket: no result"
+grep "memory rehearsal:" "$out/rehearsal.log" || echo "memory rehearsal: no result"
 sed -n '/fused_linear_jsd fwd+bwd/,/Peak = memory/p' "$out/bench.log"

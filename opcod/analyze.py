@@ -34,38 +34,41 @@ def break_rate(pre: Sequence[Sequence[float]], post: Sequence[Sequence[float]]) 
 
 
 def _break_rate_cli(args) -> int:
-    import torch
-
     from . import prompts
     from .config import load_config
-    from .engine_hf import HFEngine, Sampling
+    from .distributed import device_of_rank, seed_for
+    from .engine_hf import Sampling
+    from .engines import make_engine
     from .gating import cognizance_gaps
     from .grading import reward
-    from .models import check_model_dir, load_tokenizer
+    from .models import check_model_dir, compute_dtype, load_tokenizer
     from .step import make_rollouts, prompt_ids, request_feedback, self_anchors
-    from .train import load_domains
+    from .domains import load_domains
     from .evaluate import evaluate_model
     for key in ("tutee", "tutor"):
         check_model_dir(getattr(args, key), key)
-    cfg = load_config(args.config, ["demo=true"])
+    cfg = load_config(args.config, ["demo=true"] + ([f"engine.kind={args.engine}"] if args.engine else []))
     _, val, _ = load_domains(cfg)
     problems = [p for d in sorted(val) for p in val[d][:args.limit]]
     tok = load_tokenizer(args.tutee, "tutee")
-    tutee = HFEngine(args.tutee, 1 << 20, torch.float32, tok.pad_token_id, [tok.eos_token_id])
-    tutor = HFEngine(args.tutor, 1 << 20, torch.float32, tok.pad_token_id, [tok.eos_token_id])
+    device = device_of_rank()
+    dtype = compute_dtype(cfg.model.dtype, device)
+    tutee, tutor = (make_engine(cfg.engine, m, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed, tokenizer=tok,
+                                device=device, engines_per_rank=2) for m in (args.tutee, args.tutor))
     try:
         n = args.n
         roll = Sampling(1.0, 1.0, cfg.rollout.max_new_tokens)
         ids = [prompt_ids(tok, p) for p in problems]
-        outs = tutee.generate([i for i in ids for _ in range(n)], roll, args.seed)
+        outs = tutee.generate([i for i in ids for _ in range(n)], roll, seed_for(args.seed, 0))
         rollouts = make_rollouts(problems, ids, outs, n, tok)
         for g in range(len(problems)):
             self_anchors(rollouts[g * n:(g + 1) * n], allow_self=False)
         fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
-        counts = request_feedback(rollouts, lambda r: True, lambda ps: tutor.generate(ps, fb, args.seed + 1), tok)
+        counts = request_feedback(rollouts, lambda r: True,
+                                  lambda ps: tutor.generate(ps, fb, seed_for(args.seed, 1)), tok)
         again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
             r.problem.prompt, r.solution, r.feedback, tok))), add_special_tokens=False) for r in rollouts]
-        post_out = tutee.generate(again, roll, args.seed + 2)
+        post_out = tutee.generate(again, roll, seed_for(args.seed, 2))
         post = [reward(tok.decode(o, skip_special_tokens=True), r.problem.answer) for o, r in zip(post_out, rollouts)]
         pre = [r.reward for r in rollouts]
         result = break_rate([pre[g * n:(g + 1) * n] for g in range(len(problems))],
@@ -257,6 +260,7 @@ def main(argv=None) -> int:
     b.add_argument("--n", type=int, default=8)
     b.add_argument("--limit", type=int, default=50, help="validation problems per domain")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--engine", choices=["hf", "vllm"], help="default: the config's engine")
     b.add_argument("--out")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict)
 
 LATEST = "latest"
 KEEP = 2
@@ -78,7 +77,11 @@ def load(path: Path, modules: dict, optimizers: dict, tensors: dict) -> dict:
     for k, m in modules.items():
         set_model_state_dict(m, state["modules"][k])
     for k, (m, o) in optimizers.items():
-        set_optimizer_state_dict(m, o, state["optim"][k])
+        # The state tensors were the optimizer's own, so DCP filled them in place where they live
+        # (an idle student's on the host); set_optimizer_state_dict would move all of them onto the
+        # parameters' device at once. Only the hyperparameters (the scheduled lr) are copied back.
+        for group, saved in zip(o.param_groups, state["optim"][k]["param_groups"]):
+            group.update({key: v for key, v in saved.items() if key != "params"})
     return json.loads((path / "train_state.json").read_text())
 
 

@@ -75,8 +75,10 @@ class EngineConfig:
     tutor: str = "separate"             # separate: a second engine holds the tutor | shared: one switches
     bucket_mb: int = 512
     dtype: str = "auto"                 # engine weights; auto = the trainer's compute dtype
-    gpu_memory_utilization: float = 0.35
-    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.35  # vllm: each engine's share of the GPU (weights and KV cache)
+    max_model_len: int = 0              # vllm: longest prompt + response; 0 = the model's own limit
+    kv_cache_gib: float = 0.0           # vllm: a fixed KV cache size instead (vLLM's CPU build reads the share
+    #                                     above as a share of host memory, so the CPU default is 0.25 GiB)
 
 
 @dataclass

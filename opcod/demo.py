@@ -113,7 +113,7 @@ def _write(path: Path, recs: list[dict]) -> str:
 
 def prepare(cfg: Config) -> Config:
     """cfg with its students set to the demo students, building them if the cache lacks them."""
-    from .train import load_domains
+    from .domains import load_domains
     root = cache_dir()
     domains = cfg.data.domains
     names = [f"{d[:4]}_student" for d in domains]

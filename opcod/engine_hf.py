@@ -1,7 +1,8 @@
 """The `hf` generation engine: a transformers model in its own process, fed through the bucket protocol.
 
-The bucket is a shared-memory CPU tensor handed to the engine process once at start; each sync
-packs parameters into it (opcod.weight_sync) and sends only the metadata over a pipe.
+The bucket is a shared-memory CPU tensor the engine process maps once at start, from the same
+plain handle the vLLM engine receives; each sync packs parameters into it (opcod.weight_sync) and
+sends only the metadata over a pipe.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from .weight_sync import TensorMeta, unpack
+from .weight_sync import open_bucket, release_handle, shared_bucket, unpack
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def _generate(model, prompts: list[list[int]], sampling: Sampling, seed: int, pa
     return out
 
 
-def _serve(model_dir: str, dtype: str, buffer: torch.Tensor, conn, pad_id: int, eos_ids: list[int],
+def _serve(model_dir: str, dtype: str, handle: dict, conn, pad_id: int, eos_ids: list[int],
            trust_remote_code: bool) -> None:
     torch.set_num_threads(1)
+    buffer = open_bucket(handle, torch.device("cpu"))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -88,7 +90,7 @@ class HFEngine:
     def __init__(self, model_dir: str, bucket_bytes: int, dtype: torch.dtype, pad_id: int,
                  eos_ids: list[int], trust_remote_code: bool = False):
         self.dtype = dtype
-        self.buffer = torch.empty(bucket_bytes, dtype=torch.uint8).share_memory_()
+        self.buffer, handle = shared_bucket(bucket_bytes, torch.device("cpu"))
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         # The child inherits no OMP settings from torchrun's ranks; one thread keeps ranks fast.
@@ -96,7 +98,7 @@ class HFEngine:
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
             self._proc = ctx.Process(target=_serve, daemon=True, args=(
-                model_dir, str(dtype).removeprefix("torch."), self.buffer, child, pad_id, eos_ids,
+                model_dir, str(dtype).removeprefix("torch."), handle, child, pad_id, eos_ids,
                 trust_remote_code))
             self._proc.start()
         finally:
@@ -104,7 +106,10 @@ class HFEngine:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = env_threads
-        self._call_raw()  # wait for "ready"
+        try:
+            self._call_raw()  # wait for "ready": the bucket is mapped by then
+        finally:
+            release_handle(handle)
 
     def _call_raw(self):
         if not self._conn.poll(600):
@@ -119,7 +124,10 @@ class HFEngine:
         return self._call_raw()
 
     # -- the weight-sync surface (opcod.weight_sync.push_weights)
-    def load_bucket(self, metas: list[TensorMeta]) -> None:
+    def begin_load(self) -> None:
+        pass  # parameters are overwritten in place, tensor by tensor
+
+    def load_bucket(self, metas: list[dict]) -> None:
         self._call("load", metas)
 
     def finish_load(self) -> None:
@@ -129,8 +137,8 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
         return self._call("generate", (prompts, sampling, seed)) if prompts else []
 
-    def sleep(self) -> None:
-        pass  # CPU memory: nothing to release
+    def sleep(self, keep_weights: bool = True) -> bool:
+        return True  # CPU memory: nothing to release, the weights stay
 
     def wake(self) -> None:
         pass

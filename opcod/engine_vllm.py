@@ -1,84 +1,178 @@
-"""The `vllm` generation engine (GPU): a thin layer over vLLM's LLM with a worker extension that
-rebuilds the trainer's CUDA-IPC bucket and loads each bucket with `model.load_weights`.
+"""The `vllm` generation engine: vLLM's LLM in its own processes on this rank's device, with a
+worker extension that maps the trainer's bucket once and loads each bucket through vLLM's
+layerwise in-place reload (the path its own weight-transfer engines use).
 
-Everything else (packing, names, scheduling) is engine-agnostic and lives in opcod.weight_sync,
-where the CPU engine exercises it in every test run.
+Packing, names and scheduling are engine-agnostic and live in opcod.weight_sync; the same
+protocol feeds the `hf` engine. Nothing crosses vLLM's RPC but plain data (handles are dicts of
+str/int/bytes, bucket metadata dicts), so no pickle fallback is enabled.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from .engine_hf import Sampling
-from .weight_sync import TensorMeta, unpack
+from .weight_sync import open_bucket, release_handle, shared_bucket, unpack
+
+_SLEEP_NOTICE = []  # said once per process
 
 
 class OpcodWorkerExtension:
-    """Mixed into vLLM's GPU worker (worker_extension_cls); called through collective_rpc."""
+    """Mixed into vLLM's worker (worker_extension_cls); its methods run through collective_rpc."""
 
-    def opcod_attach_bucket(self, handle) -> None:
-        func, args = handle
-        args = list(args)
-        args[6] = self.device.index  # the sender's device index means nothing in this process
-        self._opcod_bucket = func(*args)
+    def opcod_attach_bucket(self, handle: dict) -> str:
+        self._opcod_bucket = open_bucket(handle, self.device)
+        return str(self.device)
 
-    def opcod_load_bucket(self, metas: list[TensorMeta]) -> None:
-        self.model_runner.model.load_weights(weights=unpack(self._opcod_bucket, metas))
-        torch.cuda.synchronize()
+    def opcod_begin_load(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.get_model())
 
-    def opcod_weight_sum(self) -> float:
-        """Sum of every weight (tests compare it with the trainer's; fused q/k/v keep the sum)."""
-        return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
+    def opcod_load_bucket(self, metas: list[dict]) -> None:
+        from vllm.config import set_current_vllm_config
+        # Copies, not views: a layer whose tensors straddle two buckets is buffered until it is
+        # whole, and by then the bucket holds the next tensors.
+        weights = [(name, t.clone()) for name, t in unpack(self._opcod_bucket, metas)]
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.get_model().load_weights(weights)
 
     def opcod_finish_load(self) -> None:
-        from vllm.model_executor.model_loader.utils import process_weights_after_loading
-        process_weights_after_loading(self.model_runner.model, self.model_config, self.device)
-        torch.cuda.synchronize()
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        model = self.model_runner.get_model()
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(model, self.model_config)
+            # A tied lm_head loads nothing itself; on CPU its GEMM keeps a packed copy of the
+            # embedding made at load time, so it must be packed again from the new embedding.
+            head = getattr(model, "lm_head", None)
+            embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+            if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
+                head.quant_method.process_weights_after_loading(head)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights does
+            if hasattr(self.model_runner, reset):
+                getattr(self.model_runner, reset)()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _engine_environment(device: torch.device, threads: int | None):
+    """Environment the engine's processes start with: on CUDA only this rank's GPU is visible (vLLM
+    puts a single-GPU engine on cuda:0 of what it sees); on CPU no core binding and a share of the
+    cores, so the engines of several ranks do not pile onto one core."""
+    env: dict[str, str] = {}
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [v.strip() for v in visible.split(",")] if visible else None
+        env["CUDA_VISIBLE_DEVICES"] = ids[device.index] if ids else str(device.index)
+    else:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VLLMEngine:
-    """A colocated vLLM engine on this rank's GPU, with sleep mode between uses."""
+    """A colocated vLLM engine; on CUDA it sleeps between uses (level 1 keeps its weights in host
+    memory, level 2 drops them when they are about to be overwritten anyway)."""
 
-    def __init__(self, model_dir: str, bucket_bytes: int, dtype: torch.dtype, seed: int,
-                 gpu_memory_utilization: float, max_model_len: int, trust_remote_code: bool = False):
-        # collective_rpc pickles the IPC handle (a function and its arguments) to the engine core.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        from torch.multiprocessing.reductions import reduce_tensor
+    def __init__(self, model_dir: str, bucket_bytes: int, dtype: torch.dtype, seed: int, *,
+                 gpu_memory_utilization: float = 0.35, max_model_len: int = 0, kv_cache_gib: float = 0.0,
+                 trust_remote_code: bool = False, device: torch.device | None = None, threads: int | None = None):
         from vllm import LLM
-        self.dtype = dtype
-        self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, enable_sleep_mode=True,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       trust_remote_code=trust_remote_code, enable_prefix_caching=True,
-                       worker_extension_cls=f"{__name__}.OpcodWorkerExtension")
-        self.buffer = torch.empty(bucket_bytes, dtype=torch.uint8, device="cuda")
-        self.llm.collective_rpc("opcod_attach_bucket", args=(reduce_tensor(self.buffer),))
+        from vllm.platforms import current_platform
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+        self.device, self.dtype = device, dtype
+        self.sleep_mode = current_platform.is_sleep_mode_available()
+        if not self.sleep_mode and not _SLEEP_NOTICE:
+            _SLEEP_NOTICE.append(True)
+            print(f"vllm engine: sleep mode is not available on {device.type} (vLLM has it on CUDA only); "
+                  "engines stay resident", flush=True)
+        kwargs = dict(model=model_dir, dtype=str(dtype).removeprefix("torch."), seed=seed,
+                      max_model_len=max_model_len or None, trust_remote_code=trust_remote_code,
+                      enable_prefix_caching=True, enable_sleep_mode=self.sleep_mode,
+                      worker_extension_cls=f"{__name__}.OpcodWorkerExtension")
+        if device.type == "cpu" and kv_cache_gib <= 0:
+            kv_cache_gib = 0.25  # vLLM's CPU build reads gpu_memory_utilization as a share of host memory
+        if kv_cache_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if device.type == "cpu":
+            kwargs["enforce_eager"] = True  # torch.compile on CPU costs minutes per engine
+            # A seeded request whose prefill is split across steps makes vLLM rewind its generator,
+            # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole.
+            kwargs["enable_chunked_prefill"] = False
+        with _engine_environment(device, threads):
+            self.llm = LLM(**kwargs)
+        self.buffer, handle = shared_bucket(bucket_bytes, device)
+        try:
+            self.llm.collective_rpc("opcod_attach_bucket", args=(handle,))
+        finally:
+            release_handle(handle)
         self._weights_asleep = self._kv_asleep = False
+        self._weights_dropped = False
 
-    def load_bucket(self, metas: list[TensorMeta]) -> None:
+    # -- the weight-sync surface (opcod.weight_sync.push_weights)
+    def begin_load(self) -> None:
         self.wake(weights_only=True)
+        self.llm.collective_rpc("opcod_begin_load")
+
+    def load_bucket(self, metas: list[dict]) -> None:
         self.llm.collective_rpc("opcod_load_bucket", args=(metas,))
 
     def finish_load(self) -> None:
         self.llm.collective_rpc("opcod_finish_load")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self._weights_dropped = False
 
+    # -- generation
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
+        """One completion per prompt; request i samples with seed + i, so copies of a prompt differ."""
         from vllm import SamplingParams
         if not prompts:
             return []
+        if self._weights_dropped:
+            raise RuntimeError("vllm engine: its weights were dropped at sleep level 2; push weights first")
         self.wake()
-        params = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_new_tokens, seed=seed)
+        params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                 max_tokens=sampling.max_new_tokens, seed=seed + i) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    def sleep(self) -> None:
+    # -- memory
+    def sleep(self, keep_weights: bool = True) -> bool:
+        """Free the device for the trainer; returns False when the weights were dropped (level 2),
+        so the caller knows they must be pushed again before the next use."""
+        if not self.sleep_mode:
+            return True
         if not (self._weights_asleep or self._kv_asleep):
-            self.llm.sleep(level=1)  # weights to CPU, KV cache dropped: the trainer gets the GPU
+            self.llm.sleep(level=1 if keep_weights else 2)
             self._weights_asleep = self._kv_asleep = True
+            self._weights_dropped = not keep_weights
+        return not self._weights_dropped
 
     def wake(self, weights_only: bool = False) -> None:
+        wanted = self._weights_asleep or (self._kv_asleep and not weights_only)
+        if not self.sleep_mode or not wanted:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainer's cached free blocks go back before vLLM maps its pool
         if self._weights_asleep:
             self.llm.wake_up(tags=["weights"])
             self._weights_asleep = False
@@ -87,5 +181,10 @@ class VLLMEngine:
             self._kv_asleep = False
 
     def close(self) -> None:
-        del self.llm
-        torch.cuda.ipc_collect()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()

@@ -2,32 +2,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .config import ConfigError, load_config
 from .data import Problem
+from .distributed import device_of_rank
+from .domains import load_domains
 from .engine_hf import Sampling
+from .engines import make_engine
 from .grading import avg_at_k, reward
+from .models import check_model_dir, compute_dtype, load_tokenizer
 from .step import prompt_ids
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
 
-def evaluate_model(engine, tokenizer, problems: dict[str, list[Problem]], k: int, sampling: Sampling,
-                   seed: int = 0) -> dict[str, float]:
-    """avg@k per domain of whatever `engine` holds (any object with generate(prompts, sampling, seed))."""
-    scores = {}
+def sample_rewards(engine, tokenizer, problems: dict[str, list[Problem]], k: int, sampling: Sampling,
+                   seed: int = 0) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, int]]]:
+    """(rewards, distinct): per domain and problem id, the 0/1 reward of each of k samples from
+    whatever `engine` holds (any object with generate(prompts, sampling, seed)), and how many of the
+    k responses differ from one another."""
+    rewards, distinct = {}, {}
     for i, (domain, probs) in enumerate(sorted(problems.items())):
         prompts = [prompt_ids(tokenizer, p) for p in probs for _ in range(k)]
-        outs = engine.generate(prompts, sampling, seed + i)
-        rewards = [[reward(tokenizer.decode(o, skip_special_tokens=True), p.answer)
-                    for o in outs[j * k:(j + 1) * k]] for j, p in enumerate(probs)]
-        scores[domain] = avg_at_k(rewards)
-    return scores
+        outs = engine.generate(prompts, sampling, seed + i * len(prompts))  # request j: seed + j
+        groups = {p.id: outs[j * k:(j + 1) * k] for j, p in enumerate(probs)}
+        rewards[domain] = {p.id: [reward(tokenizer.decode(o, skip_special_tokens=True), p.answer)
+                                  for o in groups[p.id]] for p in probs}
+        distinct[domain] = {pid: len({tuple(o) for o in g}) for pid, g in groups.items()}
+    return rewards, distinct
+
+
+def evaluate_model(engine, tokenizer, problems: dict[str, list[Problem]], k: int, sampling: Sampling,
+                   seed: int = 0) -> dict[str, float]:
+    """avg@k per domain of whatever `engine` holds."""
+    rewards, _ = sample_rewards(engine, tokenizer, problems, k, sampling, seed)
+    return {d: avg_at_k(list(r.values())) for d, r in rewards.items()}
 
 
 def format_scores(results: dict[str, dict[str, float]]) -> str:
@@ -52,7 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's evaluation setting")
     ap.add_argument("--engine", choices=["hf", "vllm"], default=None, help="default: the config's engine")
-    ap.add_argument("--out", help="write the scores as JSON here")
+    ap.add_argument("--out", help="write the scores, every sample's reward and the number of distinct "
+                                   "responses per problem as JSON here")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -61,35 +75,35 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides + ["demo=true"])
         if args.k < 1:
             raise ConfigError("--k must be >= 1")
-        from .models import check_model_dir, load_tokenizer
         for i, m in enumerate(args.models):
             check_model_dir(m, f"models[{i}]")
-        from .train import load_domains
         _, val, test = load_domains(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"opcod.evaluate: {exc}", file=sys.stderr)
         return 2
     problems = test if args.split == "test" else val
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens or cfg.evaluation.max_new_tokens)
-    kind = args.engine or cfg.engine.kind
-    results = {}
+    engine_cfg = dataclasses.replace(cfg.engine, kind=args.engine or cfg.engine.kind)
+    device = device_of_rank()
+    dtype = compute_dtype(cfg.model.dtype if engine_cfg.dtype == "auto" else engine_cfg.dtype, device)
+    results, rewards, distinct = {}, {}, {}
     for m in args.models:
         tokenizer = load_tokenizer(m, m)
-        if kind == "vllm":
-            from .engine_vllm import VLLMEngine
-            engine = VLLMEngine(m, 1 << 20, torch.bfloat16, args.seed, cfg.engine.gpu_memory_utilization,
-                                cfg.engine.max_model_len)
-        else:
-            from .engine_hf import HFEngine
-            engine = HFEngine(m, 1 << 20, torch.float32, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+        engine = make_engine(engine_cfg, m, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed, tokenizer=tokenizer,
+                             device=device)
         try:
-            results[m] = evaluate_model(engine, tokenizer, problems, args.k, sampling, args.seed)
+            rewards[m], distinct[m] = sample_rewards(engine, tokenizer, problems, args.k, sampling, args.seed)
         finally:
             engine.close()
-    print(f"avg@{args.k} on the {args.split} split (T={args.temperature}, top_p={args.top_p})")
+        results[m] = {d: avg_at_k(list(r.values())) for d, r in rewards[m].items()}
+    print(f"avg@{args.k} on the {args.split} split (T={args.temperature}, top_p={args.top_p}, "
+          f"{engine_cfg.kind} engine)")
     print(format_scores(results))
     if args.out:
-        Path(args.out).write_text(json.dumps({"k": args.k, "split": args.split, "scores": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"k": args.k, "split": args.split, "temperature": args.temperature,
+                                              "engine": engine_cfg.kind, "scores": results, "rewards": rewards,
+                                              "distinct_responses": distinct},
+                                             indent=2))
     return 0
 
 

@@ -106,7 +106,8 @@ def shard(student: Student, device: torch.device, activation_checkpointing: bool
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(student, mp_policy=mp)
-    return student
+    # from_pretrained returns eval mode, and transformers checkpoints layers only in training mode.
+    return student.train()
 
 
 def frozen_copy(student: Student) -> Student:
@@ -114,7 +115,7 @@ def frozen_copy(student: Student) -> Student:
     twin = copy.deepcopy(student)
     for p in twin.parameters():
         p.requires_grad_(False)
-    return twin
+    return twin.eval()
 
 
 @torch.no_grad()
@@ -135,14 +136,60 @@ def make_optimizer(student: Student, lr: float, weight_decay: float, betas, warm
     return opt, sched
 
 
-def move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    """Offload (or bring back) a student's optimizer state while the other student trains."""
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; a GPU tensor going to the host lands in pinned memory (copies overlap)."""
+    if device.type == "cpu" and t.is_cuda:
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(device, non_blocking=True, copy=True)
+
+
+def relocate(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of t (a DTensor keeps its mesh and placements) whose storage is on `device`."""
     from torch.distributed.tensor import DTensor
+    if isinstance(t, DTensor):
+        return DTensor.from_local(_moved(t.to_local(), device), t.device_mesh, t.placements,
+                                  run_check=False, shape=t.shape, stride=t.stride())
+    return _moved(t, device)
+
+
+def storage_device(t: torch.Tensor) -> torch.device:
+    from torch.distributed.tensor import DTensor
+    return (t._local_tensor if isinstance(t, DTensor) else t).device
+
+
+@torch.no_grad()
+def move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Offload (or bring back) a student's optimizer state while the other student trains.
+
+    Each state tensor is replaced by one whose storage is on `device`: assigning `.data` on what
+    DTensor.to_local() returns would move a temporary view and leave the state where it was."""
     for state in opt.state.values():
-        for key, value in state.items():
-            if isinstance(value, DTensor):
-                local = value.to_local()
-                if local.device != device:
-                    local.data = local.data.to(device, non_blocking=True)
-            elif torch.is_tensor(value) and value.device != device and value.dim() > 0:
-                state[key] = value.to(device, non_blocking=True)
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and value.dim() > 0 and storage_device(value) != device:
+                state[key] = relocate(value, device)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # pinned host copies are complete before anyone reads them
+
+
+@torch.no_grad()
+def init_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """AdamW's state (step 0, zero moments) created on `device` before the first step, as AdamW
+    would create it itself: a checkpoint of a student that has not trained yet then writes this
+    state instead of making torch.distributed.checkpoint materialise it on the GPU."""
+    from torch.distributed.tensor import DTensor
+
+    def zeros(p):
+        if isinstance(p, DTensor):
+            local = torch.zeros(p.to_local().shape, dtype=p.dtype, device=device)
+            return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
+        return torch.zeros(p.shape, dtype=p.dtype, device=device)
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # AdamW's choice
+    for group in opt.param_groups:
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad") else [])
+        for p in group["params"]:
+            state = opt.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+                state.update({k: zeros(p) for k in keys})

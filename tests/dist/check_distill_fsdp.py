@@ -3,26 +3,30 @@ with activation checkpointing) against a float64, unsharded reference
 computed on full logits (positions, masks, teacher alignment, token normalisation, gradient sums)."""
 import os
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from opcod.data import Problem
-from opcod.models import Student, shard
+from opcod.models import Student, load_causal_lm, shard
 from opcod.step import Rollout, distill_backward
 from opcod.tiny import tiny_config
 from opcod_kernels import reference_jsd
 
 
 def main():
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     from transformers import Qwen3ForCausalLM
     torch.manual_seed(0)
-    lm = Qwen3ForCausalLM(tiny_config(97, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64))
-    ref = Qwen3ForCausalLM(lm.config).double()
-    ref.load_state_dict({k: v.double() for k, v in lm.state_dict().items()})
+    made = Qwen3ForCausalLM(tiny_config(97, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64))
+    ref = Qwen3ForCausalLM(made.config).double()
+    ref.load_state_dict({k: v.double() for k, v in made.state_dict().items()})
+    with tempfile.TemporaryDirectory() as tmp:  # loaded as the trainer loads students (eval mode)
+        made.save_pretrained(tmp)  # before the group exists: transformers saves on rank 0 only
+        lm = load_causal_lm(tmp)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1)
     prob = Problem("p", "x", "q", [("A", "a")], "A")
 
@@ -39,10 +43,17 @@ def main():
         all_rollouts.append(chunk)
     mine = all_rollouts[rank]
     total = torch.tensor(float(sum(len(r.response_ids) for c in all_rollouts for r in c)))
-    student = shard(Student(lm), torch.device("cpu"), activation_checkpointing="--ac" in sys.argv)
+    ac = "--ac" in sys.argv
+    student = shard(Student(lm), torch.device("cpu"), activation_checkpointing=ac)
+    calls = []
+    student.lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     loss = distill_backward(student, student, mine, micro_batch=4, pad_id=0, device=torch.device("cpu"),
                             beta=0.5, total_tokens=total)
     dist.all_reduce(loss)
+    # Per micro-batch: the teacher's forward and the student's, and with checkpointing the
+    # student's layer runs once more in backward (it does only in training mode).
+    micro_batches = -(-len(mine) // 4)
+    recomputed = len(calls) == micro_batches * (3 if ac else 2)
 
     # reference: every rollout of every rank, one sequence at a time, float64 logits
     ref_loss = torch.zeros((), dtype=torch.float64)
@@ -64,9 +75,10 @@ def main():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         r = ref_grads[name.removeprefix("lm.")].grad
         worst = max(worst, ((grad.double() - r).norm() / r.norm().clamp_min(1e-30)).item())
-    ok = abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()) and worst <= 1e-4
+    ok = abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()) and worst <= 1e-4 and recomputed
     if rank == 0:
-        print(f"loss {loss.item():.8f} ref {ref_loss.item():.8f} worst grad rel err {worst:.2e}", flush=True)
+        print(f"loss {loss.item():.8f} ref {ref_loss.item():.8f} worst grad rel err {worst:.2e}; "
+              f"layer-0 forwards {len(calls)} for {micro_batches} micro-batches", flush=True)
     flags = torch.tensor([int(ok)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     dist.destroy_process_group()

@@ -6,11 +6,12 @@ import torch
 import torch.distributed as dist
 
 from opcod.config import load_config
-from opcod.train import CoDistillation, init_distributed, quiet_transformers
+from opcod.distributed import init_distributed, quiet_transformers
+from opcod.train import CoDistillation
 
 
 def check(run, role, name, source):
-    engine_sd = run.engines[role].state_dict()
+    engine_sd = run.engines.by_role[role].state_dict()
     for key, full in source.items():
         got = engine_sd[key]
         if not torch.equal(got, full):

@@ -1,0 +1,82 @@
+"""opcod.plan: parameter counts from config.json, the paper configs on 2 x H200, refusals by key."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opcod.config import load_config
+from opcod.plan import Shape, make_plan
+
+ROOT = Path(__file__).parent.parent
+# Qwen3-8B's published config.json (the sizes only): 8,190,735,360 parameters.
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def qwen3_8b(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3-8b")
+    (d / "config.json").write_text(json.dumps(QWEN3_8B))
+    return d
+
+
+def test_parameter_count_matches_the_model():
+    assert Shape(**{"vocab": 151936, "hidden": 4096, "layers": 36, "intermediate": 12288, "heads": 32,
+                    "kv_heads": 8, "head_dim": 128, "tied": False}).params == 8_190_735_360
+    from transformers import Qwen3ForCausalLM
+
+    from opcod.tiny import tiny_config
+    for tie in (True, False):
+        cfg = tiny_config(97, hidden=32, layers=3, heads=4, kv_heads=2, intermediate=48, tie=tie)
+        model = Qwen3ForCausalLM(cfg)
+        shape = Shape(97, 32, 3, 48, 4, 2, 8, tie)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def _plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "opcod.plan", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("config", ["phys_chem.yaml", "chem_mat.yaml", "mat_phys.yaml"])
+def test_paper_configs_fit_two_h200(config, qwen3_8b):
+    res = _plan_cli("--config", ROOT / "configs" / config, f"students.0.path={qwen3_8b}",
+                    f"students.1.path={qwen3_8b}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("peak per GPU: ") and last.endswith("of 140 GiB")
+    for part in ("trainer weights", "AdamW", "gradients", "activations", "vLLM engines awake", "buckets"):
+        assert part in res.stdout
+
+
+def test_a_plan_that_does_not_fit_names_the_key(qwen3_8b):
+    base = ["--config", ROOT / "configs" / "phys_chem.yaml", f"students.0.path={qwen3_8b}",
+            f"students.1.path={qwen3_8b}"]
+    res = _plan_cli(*base, "engine.gpu_memory_utilization=0.6")
+    assert res.returncode == 3 and "change engine.gpu_memory_utilization" in res.stdout
+    res = _plan_cli(*base, "model.activation_checkpointing=false")
+    assert res.returncode == 3 and "change model.activation_checkpointing" in res.stdout
+    res = _plan_cli(*base, "--gpus", "1")  # two 8B students with AdamW on one GPU
+    assert res.returncode == 3
+    res = _plan_cli(*base[:2], "students.0.path=/nowhere", f"students.1.path={qwen3_8b}")
+    assert res.returncode == 2 and "/nowhere/config.json" in res.stderr
+
+
+def test_plan_parts_follow_the_config(qwen3_8b):
+    cfg = load_config(str(ROOT / "configs" / "phys_chem.yaml"),
+                      [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}"])
+    plan = make_plan(cfg, 2)
+    per_gpu_weights = 2 * 8_190_735_360 * 4 / 2 / 2**30
+    assert next(p for p in plan.parts if p.name.startswith("trainer weights")).gib == pytest.approx(per_gpu_weights)
+    ema = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"),
+                                [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}",
+                                 "loss.teacher_weights=ema"]), 2)
+    assert any(p.name.startswith("teacher copies") for p in ema.parts)
+    assert ema.phase_total("student") == pytest.approx(plan.phase_total("student") + per_gpu_weights)
+    doubled = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"),
+                                    [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}",
+                                     "model.micro_batch_size=8"]), 2)
+    assert doubled.phase_total("student") > plan.phase_total("student")
