@@ -14,6 +14,7 @@ GATES = ("cognizance", "always", "never", "domain_selective")
 TEACHER_WEIGHTS = ("current", "ema", "initial")
 TUTOR_SNAPSHOTS = ("round_start", "latest")
 ENGINES = ("hf", "vllm")
+RESUME = ("auto", "force")
 TUTOR_ENGINES = ("separate", "shared")
 DATA_SOURCES = ("synthetic", "sciknoweval", "jsonl")
 
@@ -103,6 +104,7 @@ class Config:
     run_name: str = "default"
     tutor_snapshot: str = "round_start"
     save_every: int = 0                 # also checkpoint every N steps within a phase (0: phase ends only)
+    resume: str = "auto"                # auto: resume under the same config | force: accept safe key changes
     eval_k: int = 4                     # samples per problem for avg@k on test
     val_k: int = 4                      # samples per problem for the validation scores
     demo: bool = False                  # build the embedded demo students first (see opcod.demo)
@@ -242,6 +244,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.engine.kind, ENGINES, "engine.kind")
     _choice(cfg.engine.tutor, TUTOR_ENGINES, "engine.tutor")
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
+    _choice(cfg.resume, RESUME, "resume")
     if cfg.tau < 0:
         raise ConfigError(f"config key 'tau' must be >= 0, got {cfg.tau}")
     if not 0 <= cfg.loss.beta <= 1:

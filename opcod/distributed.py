@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -55,3 +59,32 @@ def log(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
 
+
+_ON_ORPHAN: list[Callable[[], None]] = []
+
+
+def on_orphan(fn: Callable[[], None]) -> None:
+    """Run fn (say, releasing the run's lock) if this worker stops because its launcher died."""
+    _ON_ORPHAN.append(fn)
+
+
+def watch_launcher(poll_s: float = 0.5) -> None:
+    """Under torchrun, stop within a second once the launcher is gone (a killed torchrun leaves its
+    workers running, and they would go on writing the run directory beside a rerun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != launcher:
+                print(f"rank {os.environ.get('RANK', '?')}: the launcher (pid {launcher}) is gone; stopping",
+                      file=sys.stderr, flush=True)
+                for fn in _ON_ORPHAN:
+                    try:
+                        fn()
+                    except Exception:  # noqa: BLE001 - exiting anyway
+                        pass
+                os._exit(70)
+    threading.Thread(target=watch, name="opcod-launcher-watch", daemon=True).start()

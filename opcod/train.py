@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch.distributed as dist
 
 from . import checkpoint, report
 from .config import Config, ConfigError, load_config, save_config
-from .data import Problem
-from .distributed import all_sum, device_of_rank, init_distributed, log, quiet_transformers, seed_for
+from .data import DataError, Problem
+from .distributed import (all_sum, device_of_rank, init_distributed, log, on_orphan, quiet_transformers,
+                          seed_for, watch_launcher)
 from .domains import load_domains
 from .engine_hf import Sampling
 from .engines import Engines, make_engine
@@ -27,6 +29,7 @@ from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen
                      load_causal_lm, load_tokenizer, make_optimizer, move_optimizer_state, relocate, shard,
                      storage_device)
 from .plan import Shape
+from .rundir import RunLock, check_config
 from .step import (distill_backward, grpo_backward, group_advantages, make_rollouts, prompt_ids,
                    request_feedback, self_anchors, teacher_contexts)
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
@@ -331,24 +334,54 @@ class CoDistillation:
 # ----------------------------------------------------------------------------- Algorithm 1
 
 def train(cfg: Config) -> dict | None:
-    last = checkpoint.latest(cfg.run_dir / "checkpoints")
-    if last is not None and json.loads((last / "train_state.json").read_text())["progress"]["finished"]:
-        log(f"{cfg.run_dir} is finished already; summary: {cfg.run_dir / 'summary.json'}")
-        return json.loads((cfg.run_dir / "summary.json").read_text())
-    run = CoDistillation(cfg)
+    """Algorithm 1 in cfg.run_dir: a fresh run, a resume under the config it started with, or the
+    summary of a finished one. One writer at a time: rank 0 holds the directory's lock."""
+    lock = _take_lock(cfg)
     try:
-        return _train(run)
+        accepted = check_config(cfg, cfg.run_dir / "config.yaml")  # before any compute
+        last = checkpoint.latest(cfg.run_dir / "checkpoints")
+        if last is not None and json.loads((last / "train_state.json").read_text())["progress"]["finished"]:
+            log(f"{cfg.run_dir} is finished already; summary: {cfg.run_dir / 'summary.json'}")
+            return json.loads((cfg.run_dir / "summary.json").read_text())
+        run = CoDistillation(cfg)
+        try:
+            return _train(run, accepted)
+        finally:
+            run.close()
     finally:
-        run.close()
+        if lock is not None:
+            lock.release()
 
 
-def _train(run: CoDistillation) -> dict | None:
+def _take_lock(cfg: Config) -> RunLock | None:
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = RunLock(cfg.run_dir)
+            lock.acquire(log=log)
+            on_orphan(lock.release)
+        except ConfigError as exc:
+            error = str(exc)
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)  # every rank stops, or none does
+    if verdict[0]:
+        raise ConfigError(verdict[0])
+    return lock
+
+
+def _train(run: CoDistillation, accepted: list) -> dict | None:
     cfg, p = run.cfg, run.progress
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     if run.resume():
         p = run.progress
+        if accepted:  # resume=force took changes of keys that are safe to change mid-run
+            log("resume=force: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in accepted))
+            run.log_metrics({"kind": "config_change", "step": p.global_step,
+                             "changes": [{"key": k, "was": a, "now": b} for k, a, b in accepted]})
+            if run.rank == 0:
+                save_config(cfg, run.run_dir / "config.yaml")
     else:
         if run.rank == 0:
             save_config(cfg, run.run_dir / "config.yaml")
@@ -428,12 +461,15 @@ def main(argv=None) -> int:
         return 2
     quiet_transformers()
     init_distributed()
+    watch_launcher()
     try:
         if cfg.demo:
             from .demo import prepare
             cfg = prepare(cfg)
         train(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if not isinstance(exc, (ConfigError, DataError, FileNotFoundError)):
+            traceback.print_exc()  # not an input named by us: where it came from matters
         print(f"opcod.train: {exc}", file=sys.stderr)
         return 2
     finally:

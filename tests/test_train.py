@@ -183,33 +183,112 @@ def _weights(run_dir):
             for n in sorted(os.listdir(run_dir / "students"))}
 
 
-def test_sigkill_mid_phase_then_rerun_gives_the_same_final_weights(demo_run, demo_env):
+def _steps_logged(metrics: Path) -> int:
+    return sum('"kind": "step"' in x for x in metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _wait_for_steps(metrics: Path, n: int, proc, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while _steps_logged(metrics) < n and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, run_dir, note):
+    res = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=900)
+    assert res.returncode == 0, note + res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout, note
+    a, b = _weights(full_dir), _weights(run_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (note, name, key)
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    assert [s["step"] for s in steps] == list(range(1, 9)), note  # no step logged twice
+    return res
+
+
+def test_sigkill_of_the_whole_tree_at_a_random_point_resumes_bit_identically(demo_run, demo_env):
+    import random
     full_dir, _ = demo_run
     out = full_dir.parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "opcod.train",
            f"output_dir={out}", "run_name=killed", *DEMO_SHORT]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=demo_env,
-                            start_new_session=True)
+    rng = random.Random()
+    after, delay = rng.randint(1, 7), rng.uniform(0.0, 1.5)  # inside a phase, mid-step or mid-checkpoint
+    note = f"killed after {after} steps + {delay:.2f} s: "
+    log = open(out / "killed.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=demo_env, start_new_session=True)
     metrics = out / "killed" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill once the second phase has taken a step
-        if metrics.exists() and sum('"kind": "step"' in x for x in metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    _wait_for_steps(metrics, after, proc)
+    assert _steps_logged(metrics) >= after, note + (out / "killed.log").read_text()[-3000:]
+    time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    steps_before = sum('"kind": "step"' in x for x in metrics.read_text().splitlines())
-    assert 3 <= steps_before < 8 and not (out / "killed" / "summary.json").exists()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "resumed from" in res.stdout
-    a, b = _weights(full_dir), _weights(out / "killed")
-    assert a.keys() == b.keys()
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
-    steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"kind": "step"' in x]
-    assert [s["step"] for s in steps] == list(range(1, 9))  # no step logged twice
+    assert not (out / "killed" / "summary.json").exists(), note
+    _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "killed", note)
+
+
+def test_a_killed_launcher_leaves_no_writer_and_one_writer_at_a_time(demo_run, demo_env):
+    """SIGKILL to torchrun alone: its workers stop within seconds (before, they ran on and wrote
+    checkpoints beside a rerun). While a run writes, a second launcher on its directory is refused."""
+    full_dir, _ = demo_run
+    out = full_dir.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "opcod.train", f"output_dir={out}", "run_name=orphaned", *DEMO_SHORT]  # two launchers at once
+    log = open(out / "orphaned.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=demo_env, start_new_session=True)
+    try:
+        metrics = out / "orphaned" / "metrics.jsonl"
+        _wait_for_steps(metrics, 2, proc)
+        assert _steps_logged(metrics) >= 2, (out / "orphaned.log").read_text()[-3000:]
+        second = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=300)
+        # torchrun exits 1 when a worker fails; the worker said why.
+        assert second.returncode != 0 and "is being written by another run: pid" in second.stderr, \
+            second.stderr[-3000:]
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        killed_at = time.time()
+        while any(_alive(w) for w in workers) and time.time() - killed_at < 30:
+            time.sleep(0.1)
+        lived = time.time() - killed_at
+        assert lived < 5, f"workers outlived their launcher by {lived:.1f} s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "orphaned", "launcher killed: ")
+
+
+def test_a_finished_run_is_reused_only_under_the_same_config(demo_run, demo_env):
+    run_dir, _ = demo_run
+    base = ["-m", "opcod.train", f"output_dir={run_dir.parent}", "run_name=full", *DEMO_SHORT]
+    res = torchrun(*base, "optim.lr=1e-3", env=demo_env)
+    assert res.returncode != 0 and "optim.lr: 5e-05 -> 0.001" in res.stderr and "run_name=" in res.stderr
+    assert "finished already" not in res.stdout
+    res = torchrun(*base[:-1], "save_every=2", env=demo_env)
+    assert res.returncode != 0 and "save_every: 1 -> 2" in res.stderr and "resume=force" in res.stderr
+    res = torchrun(*base[:-1], "save_every=2", "resume=force", env=demo_env)
+    assert res.returncode == 0 and "finished already" in res.stdout
 
 
 def test_two_process_grpo_run(tiny_students):
