@@ -50,8 +50,8 @@ def gemm_floor(hs, ht, W):
     """The fused op's own GEMMs (stacked logits, dH, dW) with the row kernel replaced by nothing."""
     chunk = K.default_chunk_size(hs.shape[0], W.shape[0], hs.device)
     noop = lambda *args, **kwargs: None  # noqa: E731
-    F._chunked(hs, ht, W, W, torch.ones(hs.shape[0], device=hs.device), 0.5, 1.0, 1.0, chunk,
-               noop, True, True, True)
+    F._chunked(hs, ht, W, None, torch.ones(hs.shape[0], device=hs.device), 0.5, 1.0, 1.0, chunk,
+               noop, W.shape[0], True, True, True)
 
 
 def naive(hs, ht, W):

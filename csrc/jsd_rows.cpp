@@ -6,12 +6,20 @@
 //
 // Per row, with u_s = z_s / T_s, u_t = z_t / T_t, s = u_s - lse_s, t = u_t - lse_t:
 //   d = t - s is formed as (u_t - u_s) - (lse_t - lse_s), with both log-sum-exps accumulated in
-//   double. Every loss and gradient term is then written in d, so the result stays accurate when the
-//   teacher is close to the student (the self-distillation case), where the loss is O(d^2).
-//   beta = 0: KL(P||Q) = sum p d,            dL/du_s = q - p = -q expm1(d)
-//   beta = 1: KL(Q||P) = -sum q d,           dL/du_s = q (-d - L)
-//   else:     g = m - s = log(beta e^d + 1 - beta) (a two-term log-sum-exp, written with log1p)
-//             L = beta sum p (d - g) + (1 - beta) sum (-q g),  dL/du_s = (1 - beta) q (-g - KL(Q||M))
+//   double. Every loss term is written so that it is >= 0 and O(d^2) near d = 0: the loss stays
+//   accurate when the teacher is close to the student (the self-distillation case), where a sum of
+//   O(d) terms of both signs would lose most of its digits.
+//   beta = 0: KL(P||Q) = sum (p d - p + q)        [near 0: q (d^2 + (d - 1) E(d)), E = expm1 - id]
+//             raw gradient r = q - p = -q expm1(d)
+//   beta = 1: KL(Q||P) = sum (-q d + p - q)       [near 0: q E(d)]
+//             r = -q d
+//   else:     g = log(m / q) = log(beta e^d + 1 - beta) (a two-term log-sum-exp, written with log1p)
+//             L = sum beta p (d - g) - (1 - beta) q g   [near 0: q (beta F(d) - F(g)), F = x e^x - expm1]
+//             r = -(1 - beta) q g
+//   dL/du_s = r - q sum(r): exact for the true d (where sum r is 0, resp. -KL(Q||P), resp.
+//   (1 - beta) KL(Q||M)), and centred with the same d, so an error in lse_t - lse_s cancels.
+//   A column that is -inf in both rows (vocabulary padding) has d = 0, q = p = 0 and adds nothing;
+//   a probability of exactly 0 times an infinite log-ratio counts 0.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -88,6 +96,25 @@ inline float vlog1p(float y) {
   return um1 == 0.0f ? y : vlog(u) * (y / um1);
 }
 
+// expm1(x) - x for |x| < 0.5, by its series (the subtraction would cancel).
+inline float em1md_small(float x) {
+  float p = 1.0f / 362880.0f;
+  p = p * x + 1.0f / 40320.0f;
+  p = p * x + 1.0f / 5040.0f;
+  p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f;
+  p = p * x + 1.0f / 24.0f;
+  p = p * x + 1.0f / 6.0f;
+  p = p * x + 0.5f;
+  return x * x * p;
+}
+
+// x e^x - expm1(x) for |x| < 0.5: x^2 + (x - 1)(expm1 x - x).
+inline float f_small(float x) { return x * x + (x - 1.0f) * em1md_small(x); }
+
+// a * b, with 0 when a == 0 (a zero probability times an infinite log-ratio).
+inline float times(float a, float b) { return a == 0.0f ? 0.0f : a * b; }
+
 // log-sum-exp of a scaled row, online over blocks; the running sum is kept in double.
 inline void row_lse(const float* z, int64_t V, float inv_t, float* max_out, double* sum_out) {
   float m = -INFINITY;
@@ -121,81 +148,82 @@ void one_row(float* zs, const float* zt, float* scratch, int64_t V, float inv_ts
   const float ls = static_cast<float>(lse_s);
   // lse_t - lse_s without subtracting two large numbers: the maxima are exact, the sums are close.
   const float dl = static_cast<float>((static_cast<double>(mt) - ms) + std::log(st / ss));
-
-  if (beta == 0.0f) {
-    double acc = 0.0;
-    for (int64_t start = 0; start < V; start += kBlock) {
-      const int64_t len = (V - start) < kBlock ? (V - start) : kBlock;
-      float* a = zs + start;
-      const float* b = zt + start;
-      float bl = 0.0f;
-#pragma omp simd reduction(+ : bl)
-      for (int64_t k = 0; k < len; ++k) {
-        const float us = a[k] * inv_ts;
-        const float s = us - ls;
-        const float d = (b[k] * inv_tt - us) - dl;
-        const float q = vexp(s);
-        const float p = vexp(s + d);
-        bl += p * d;
-        const float dc = d > 0.5f ? 0.5f : (d < -0.5f ? -0.5f : d);
-        const float g = (d > -0.5f && d < 0.5f) ? -q * vexpm1(dc) : q - p;
-        if (write_grad) a[k] = g * gscale;
-      }
-      acc += bl;
-    }
-    *loss_out = static_cast<float>(acc);
-    return;
-  }
-
-  // beta > 0: the gradient needs a row sum first; pass 2 leaves a - c * b for pass 3.
+  const float lt = ls + dl;
   const bool reverse = beta == 1.0f;
   const float omb = 1.0f - beta;
-  double acc_p = 0.0, acc_q = 0.0;
+
+  // Pass 2: the loss, the raw gradient r (kept in zs) and q (in scratch); the gradient is
+  // r - q sum(r), centred with the same d so that an error in lse_t - lse_s cancels.
+  double acc = 0.0, acc_r = 0.0;
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t len = (V - start) < kBlock ? (V - start) : kBlock;
     float* a = zs + start;
     const float* b = zt + start;
     float* w = scratch + start;
-    float bp = 0.0f, bq = 0.0f;
-    if (reverse) {
-#pragma omp simd reduction(+ : bq)
+    float bl = 0.0f, br = 0.0f;
+    if (beta == 0.0f) {
+#pragma omp simd reduction(+ : bl, br)
       for (int64_t k = 0; k < len; ++k) {
         const float us = a[k] * inv_ts;
-        const float s = us - ls;
-        const float d = (b[k] * inv_tt - us) - dl;
-        const float q = vexp(s);
-        bq -= q * d;
-        a[k] = -q * d;
+        const float ut = b[k] * inv_tt;
+        const bool dead = us == -INFINITY && ut == -INFINITY;
+        const float d = dead ? 0.0f : (ut - us) - dl;
+        const float q = vexp(us - ls);
+        const float p = vexp(ut - lt);
+        const bool near = d > -0.5f && d < 0.5f;
+        bl += near ? q * f_small(d) : times(p, d) - p + q;
+        const float dc = d > 0.5f ? 0.5f : (d < -0.5f ? -0.5f : d);
+        const float r = near ? -q * vexpm1(dc) : q - p;
+        br += r;
+        a[k] = r;
+        w[k] = q;
+      }
+    } else if (reverse) {
+#pragma omp simd reduction(+ : bl, br)
+      for (int64_t k = 0; k < len; ++k) {
+        const float us = a[k] * inv_ts;
+        const float ut = b[k] * inv_tt;
+        const bool dead = us == -INFINITY && ut == -INFINITY;
+        const float d = dead ? 0.0f : (ut - us) - dl;
+        const float q = vexp(us - ls);
+        const float p = vexp(ut - lt);
+        const float qd = times(q, d);
+        bl += (d > -0.5f && d < 0.5f) ? q * em1md_small(d) : -qd + p - q;
+        br -= qd;
+        a[k] = -qd;
         w[k] = q;
       }
     } else {
-#pragma omp simd reduction(+ : bp, bq)
+#pragma omp simd reduction(+ : bl, br)
       for (int64_t k = 0; k < len; ++k) {
         const float us = a[k] * inv_ts;
-        const float s = us - ls;
-        const float d = (b[k] * inv_tt - us) - dl;
-        const float q = vexp(s);
-        const float p = vexp(s + d);
+        const float ut = b[k] * inv_tt;
+        const bool dead = us == -INFINITY && ut == -INFINITY;
+        const float d = dead ? 0.0f : (ut - us) - dl;
+        const float q = vexp(us - ls);
+        const float p = vexp(ut - lt);
         // g = log(beta e^d + 1 - beta), factored on the larger of the two terms:
         // d > 0: d + log1p((1 - beta) expm1(-d)); else log1p(beta expm1(d)).
         const bool pos = d > 0.0f;
         const float h = vlog1p((pos ? omb : beta) * vexpm1(pos ? -d : d));
         const float g = pos ? d + h : h;
         const float dmg = pos ? -h : d - h;
-        bp += p * dmg;
-        bq -= q * g;
-        a[k] = -omb * q * g;
-        w[k] = omb * q;
+        const float qg = times(q, g);
+        const bool near = d > -0.5f && d < 0.5f;
+        bl += near ? q * (beta * f_small(d) - f_small(g)) : beta * times(p, dmg) - omb * qg;
+        br -= omb * qg;
+        a[k] = -omb * qg;
+        w[k] = q;
       }
     }
-    acc_p += bp;
-    acc_q += bq;
+    acc += bl;
+    acc_r += br;
   }
-  const float c = static_cast<float>(acc_q);  // KL(Q||M), or the reverse-KL loss itself
-  *loss_out = reverse ? c : static_cast<float>(beta * acc_p + omb * acc_q);
+  *loss_out = static_cast<float>(acc);
   if (!write_grad) return;
+  const float c = static_cast<float>(acc_r);
 #pragma omp simd
-  for (int64_t k = 0; k < V; ++k) zs[k] = (zs[k] - c * scratch[k]) * gscale;
+  for (int64_t k = 0; k < V; ++k) zs[k] = (zs[k] - times(scratch[k], c)) * gscale;
 }
 
 }  // namespace
@@ -210,7 +238,7 @@ int opcod_jsd_rows(float* zs, int64_t stride_s, const float* zt, int64_t stride_
                    float inv_tt, float beta, int write_grad, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> scratch(beta == 0.0f ? 0 : V);
+    std::vector<float> scratch(V);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < C; ++r) {
       float* a = zs + r * stride_s;

@@ -1,6 +1,9 @@
 """Fused linear + generalized-JSD loss: chunked over rows, never holding [N, V] logits."""
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -20,10 +23,14 @@ def _check_float(name, t):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype == torch.float16:
+        # The chunk's gradient tile is stored in the input dtype; fp16's range underflows it.
+        raise ValueError(f"{name} is float16, which this kernel refuses (its gradients underflow): "
+                         "use bfloat16 or float32")
 
 
 def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weights,
-              reduction, chunk_size, backend, logits=False):
+              reduction, chunk_size, backend, vocab_size, logits=False):
     what = "logits" if logits else "hidden"
     _check_float(f"student_{what}", student)
     _check_float(f"teacher_{what}", teacher)
@@ -43,9 +50,8 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
         tw = weight if teacher_weight is None else teacher_weight
         if teacher_weight is not None:
             _check_float("teacher_weight", teacher_weight)
-            if teacher_weight.dim() != 2 or teacher_weight.shape[0] != weight.shape[0]:
-                raise ValueError(f"teacher_weight must be [V, H_t] with V = {weight.shape[0]}, "
-                                 f"got shape {tuple(teacher_weight.shape)}")
+            if teacher_weight.dim() != 2:
+                raise ValueError(f"teacher_weight must be 2-D [V_t, H_t], got shape {tuple(teacher_weight.shape)}")
         if teacher.shape[1] != tw.shape[1]:
             raise ValueError(f"teacher_hidden must be [N, {tw.shape[1]}] to match "
                              f"{'teacher_weight' if teacher_weight is not None else 'weight'}, "
@@ -53,9 +59,12 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
         if teacher.dtype != tw.dtype:
             raise ValueError(f"teacher_hidden dtype {teacher.dtype} differs from its weight's {tw.dtype}")
         devices |= {weight.device, tw.device}
-    elif teacher.shape != student.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} differs from student_logits "
-                         f"shape {tuple(student.shape)}")
+        widths = (weight.shape[0], tw.shape[0])
+    else:
+        widths = (student.shape[1], teacher.shape[1])
+    if vocab_size is not None and (not isinstance(vocab_size, int) or not 0 < vocab_size <= min(widths)):
+        raise ValueError(f"vocab_size must be an int in [1, {min(widths)}] (the narrower vocabulary), "
+                         f"got {vocab_size!r}")
     if token_weights is not None:
         if not isinstance(token_weights, torch.Tensor):
             raise ValueError("token_weights must be a tensor of shape [N]")
@@ -77,13 +86,17 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return vocab_size or min(widths)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _rows_fn(backend: str, device: torch.device):
+def _rows_fn(backend: str, device: torch.device, group=None):
     """The row kernel for a backend: (zs, zt, row_scale, loss, inv_ts, inv_tt, beta, write_grad,
-    grad_out=None)."""
+    grad_out=None). With a process group (the vocabulary split over its ranks) the row scalars are
+    all-reduced, in plain PyTorch ops on any backend."""
+    if group is not None:
+        return functools.partial(torch_rows.jsd_rows_sharded, group=group)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpp"
     if backend == "triton":
@@ -131,25 +144,36 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return torch.mm(a.float(), b.float(), out=out)
 
 
+def _group(name: str):
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
+
+
 # ----------------------------------------------------------------------------- the chunk loop
 
-def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
-             want_dh, want_dw, write_grad):
-    """Loss per row, and (if write_grad) dH and fp32 dW already scaled by row_scale."""
+def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn, vocab,
+             want_dh, want_dw, write_grad, group=None):
+    """Loss per row, and (if write_grad) dH and fp32 dW already scaled by row_scale. Only the first
+    `vocab` rows of W and W_t take part (a padded vocabulary's extra rows get no gradient)."""
     N, H = h_s.shape
     V = W.shape[0]
     device = h_s.device
-    shared = W_t is W
+    shared = W_t is None
     loss_rows = torch.empty(N, dtype=torch.float32, device=device)
-    dH = torch.empty_like(h_s) if (write_grad and want_dh) else None
-    dW = torch.zeros(V, H, dtype=torch.float32, device=device) if (write_grad and want_dw) else None
+    # With the vocabulary split over ranks each dH is a partial sum: kept in fp32 and all-reduced.
+    dH = (torch.empty(N, H, dtype=torch.float32 if group is not None else h_s.dtype, device=device)
+          if (write_grad and want_dh) else None)
+    dW_full = torch.zeros(V, H, dtype=torch.float32, device=device) if (write_grad and want_dw) else None
+    dW = None if dW_full is None else dW_full[:vocab]
     # CPU has no bf16 -> fp32 GEMM: take an fp32 copy of the weight once (inputs-sized, not N-sized).
     low_cpu = not h_s.is_cuda and h_s.dtype != torch.float32
-    W_f = W.float() if low_cpu else W
-    W_tf = (W_f if shared else W_t.float()) if low_cpu else W_t
-    buf = torch.empty(2 * chunk, V, dtype=torch.float32, device=device)
+    W_f = (W[:vocab].float() if low_cpu else W[:vocab])
+    W_tf = W_f if shared else (W_t[:vocab].float() if low_cpu else W_t[:vocab])
+    buf = torch.empty(2 * chunk, vocab, dtype=torch.float32, device=device)
     # Low-precision weights take the gradient in their dtype, written by the row kernel itself.
-    gbuf = torch.empty(chunk, V, dtype=W_f.dtype, device=device) \
+    gbuf = torch.empty(chunk, vocab, dtype=W_f.dtype, device=device) \
         if write_grad and W_f.dtype != torch.float32 else None
     for start in range(0, N, chunk):
         c = min(chunk, N - start)
@@ -171,28 +195,35 @@ def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn,
         if not write_grad:
             continue
         if dH is not None:
-            if dH.dtype == g.dtype:
+            if dH.dtype == g.dtype and g.dtype == W_f.dtype:
                 torch.mm(g, W_f, out=dH[start:start + c])
             else:
-                dH[start:start + c] = torch.mm(g, W_f)
+                dH[start:start + c] = torch.mm(g, W_f.to(g.dtype)).to(dH.dtype)
         if dW is not None:
             if g.dtype == torch.float32:
-                dW.addmm_(g.T, hs)
+                dW.addmm_(g.T, hs.float() if hs.dtype != torch.float32 else hs)
             elif _low_precision_fp32_gemm_ok(dW.device):
                 torch.addmm(dW, g.T, hs, out_dtype=torch.float32, out=dW)
             else:
                 dW.addmm_(g.T.float(), hs.float())
-    return loss_rows, dH, dW
+    if dH is not None and group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(dH, group=group)
+        dH = dH.to(h_s.dtype)
+    return loss_rows, dH, dW_full
 
 
 def _row_weights(token_weights, n, device):
+    """[N] fp32 and contiguous: the kernels read the weights with stride 1."""
     if token_weights is None:
         return torch.ones(n, dtype=torch.float32, device=device)
-    return token_weights.to(torch.float32)
+    return token_weights.to(torch.float32).contiguous()
 
 
 def _reduce(loss_rows, w, reduction):
     """The weighted "sum", or the "mean" over weighted rows (a fully masked batch gives 0)."""
+    if reduction == "none":
+        return loss_rows * w
     total = (loss_rows * w).sum()
     return total if reduction == "sum" else total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -203,127 +234,190 @@ def _grad_scale(w, reduction):
     return w
 
 
-class _FusedLinearJSDFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_s, h_t, W, W_t, token_weights, beta, ts, tt, reduction, chunk, backend):
-        rows_fn = _rows_fn(backend, h_s.device)
-        w = _row_weights(token_weights, h_s.shape[0], h_s.device)
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        eager = reduction != "none" and (want_dh or want_dw)
-        # Gradients come out of the forward for "mean"/"sum"; "none" needs the per-row upstream
-        # gradient inside dW, so it recomputes the chunks in backward instead.
-        loss_rows, dH, dW = _chunked(h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w,
-                                     beta, 1.0 / ts, 1.0 / tt, chunk, rows_fn, want_dh, want_dw, eager)
-        ctx.reduction, ctx.w_dtype, ctx.shared = reduction, W.dtype, W_t is W
-        ctx.args = (beta, 1.0 / ts, 1.0 / tt, chunk, rows_fn, want_dh, want_dw)
-        if reduction == "none":
-            ctx.save_for_backward(h_s, h_t, W, None if ctx.shared else W_t, w)
-            return loss_rows * w
-        ctx.save_for_backward(dH, dW)
-        return _reduce(loss_rows, w, reduction)
+def _empty(like):
+    return like.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        beta, inv_ts, inv_tt, chunk, rows_fn, want_dh, want_dw = ctx.args
-        if ctx.reduction == "none":
-            h_s, h_t, W, W_t, w = ctx.saved_tensors
-            row_scale = (grad_out.float() * w).contiguous()
-            _, dH, dW = _chunked(h_s, h_t, W, W if ctx.shared else W_t, row_scale, beta,
-                                 inv_ts, inv_tt, chunk, rows_fn, want_dh, want_dw, True)
-            g = None
-        else:
-            dH, dW = ctx.saved_tensors
-            g = grad_out.float()  # a scalar; always applied, since testing it for 1 would sync
-            dH = None if dH is None else dH * g.to(dH.dtype)
-        if dW is not None and (g is not None or dW.dtype != ctx.w_dtype):
-            # Scaled in fp32 and rounded on store into the weight's dtype: no second fp32 [V, H].
-            out = torch.empty_like(dW, dtype=ctx.w_dtype)
-            dW = torch.mul(dW, 1.0 if g is None else g, out=out)
-        return dH, None, dW, None, None, None, None, None, None, None, None
+
+# ----------------------------------------------------------------------------- the registered op
+# A torch.library custom op with a fake (meta) implementation and its autograd, so that
+# torch.compile(fullgraph=True) traces a loss that calls fused_linear_jsd as one opaque node.
+
+@torch.library.custom_op("opcod_kernels::fused_linear_jsd", mutates_args=())
+def _fused_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
+              w: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, reduction: str, chunk: int,
+              backend: str, vocab: int, group_name: str, want_dh: bool,
+              want_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-row losses, dH, dW fp32): the gradients come out of the forward for "mean" and
+    "sum" (already scaled by the reduction's row weights); empty when not wanted or for "none"."""
+    group = _group(group_name)
+    eager = reduction != "none" and (want_dh or want_dw)
+    loss_rows, dH, dW = _chunked(h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w, beta, inv_ts,
+                                 inv_tt, chunk, _rows_fn(backend, h_s.device, group), vocab, want_dh, want_dw,
+                                 eager, group)
+    return (_reduce(loss_rows, w, reduction), loss_rows,
+            _empty(h_s) if dH is None else dH, _empty(loss_rows) if dW is None else dW)
+
+
+@_fused_op.register_fake
+def _(h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, want_dh, want_dw):
+    N, H = h_s.shape
+    eager = reduction != "none"
+    loss = h_s.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    dH = h_s.new_empty((N, H) if eager and want_dh else (0,))
+    dW = h_s.new_empty(tuple(W.shape) if eager and want_dw else (0,), dtype=torch.float32)
+    return loss, h_s.new_empty((N,), dtype=torch.float32), dH, dW
+
+
+@torch.library.custom_op("opcod_kernels::fused_linear_jsd_backward", mutates_args=())
+def _fused_backward_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
+                       row_scale: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, chunk: int,
+                       backend: str, vocab: int, group_name: str, want_dh: bool,
+                       want_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduction="none": the upstream gradient is per row and enters dW inside its GEMM, so the
+    chunks are computed again with it as the row scale."""
+    group = _group(group_name)
+    _, dH, dW = _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk,
+                         _rows_fn(backend, h_s.device, group), vocab, want_dh, want_dw, True, group)
+    return _empty(h_s) if dH is None else dH, _empty(row_scale) if dW is None else dW
+
+
+@_fused_backward_op.register_fake
+def _(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw):
+    dH = h_s.new_empty(tuple(h_s.shape) if want_dh else (0,))
+    return dH, h_s.new_empty(tuple(W.shape) if want_dw else (0,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    (h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name,
+     want_dh, want_dw) = inputs
+    ctx.reduction, ctx.w_dtype, ctx.h_dtype = reduction, W.dtype, h_s.dtype
+    ctx.args = (beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw)
+    if reduction == "none":
+        ctx.save_for_backward(h_s, h_t, W, W_t, w)
+    else:
+        ctx.save_for_backward(output[2], output[3])
+
+
+def _backward(ctx, g_loss, _g_rows, _g_dh, _g_dw):
+    beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw = ctx.args
+    if ctx.reduction == "none":
+        h_s, h_t, W, W_t, w = ctx.saved_tensors
+        dH, dW = _fused_backward_op(h_s, h_t, W, W_t, (g_loss.float() * w).contiguous(), beta, inv_ts, inv_tt,
+                                    chunk, backend, vocab, group_name, want_dh, want_dw)
+        g = None
+    else:
+        dH, dW = ctx.saved_tensors
+        g = g_loss.float()  # a scalar; always applied, since testing it for 1 would sync
+        dH = dH * g.to(dH.dtype) if want_dh else dH
+    # Scaled in fp32 and rounded on store into the weight's dtype: no second fp32 [V, H].
+    dW = torch.mul(dW, 1.0 if g is None else g).to(ctx.w_dtype) if want_dw else None
+    return (dH if want_dh else None, None, dW, None, None, None, None, None, None, None, None, None, None,
+            None, None)
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None, *, beta=0.5,
                      student_temperature=1.0, teacher_temperature=1.0, token_weights=None,
-                     reduction="mean", chunk_size=None, backend="auto"):
+                     reduction="mean", chunk_size=None, backend="auto", vocab_size=None,
+                     return_token_losses=False, process_group=None):
     """Generalized JSD between the student's and the teacher's next-token distributions.
 
     Student logits are student_hidden @ weight.T, teacher logits teacher_hidden @ teacher_weight.T
     (teacher_weight defaults to weight, detached). beta = 0 is KL(P||Q), beta = 1 KL(Q||P), P the
     teacher, Q the student. Gradients reach student_hidden and weight only. Returns a scalar for
-    "mean" (over the weighted rows) and "sum", per-row weighted losses [N] for "none".
+    "mean" (over the weighted rows) and "sum", per-row weighted losses [N] for "none"; with
+    return_token_losses, also each row's unweighted divergence [N] (detached, from the same pass).
+
+    vocab_size: the real vocabulary when weight and teacher_weight are padded differently (rows past
+    it take no part and get no gradient); default: the smaller of the two. process_group: weight
+    (and teacher_weight) hold this rank's rows of a vocabulary split over the group's ranks, in rank
+    order; the row statistics are all-reduced, dH is complete on every rank, dW is this rank's rows.
     """
-    _validate(student_hidden, teacher_hidden, weight, teacher_weight, beta, student_temperature,
-              teacher_temperature, token_weights, reduction, chunk_size, backend)
+    vocab = _validate(student_hidden, teacher_hidden, weight, teacher_weight, beta, student_temperature,
+                      teacher_temperature, token_weights, reduction, chunk_size, backend, vocab_size)
+    if process_group is not None and vocab_size is not None:
+        raise ValueError("vocab_size cannot be combined with process_group (each rank holds its own rows)")
     N = student_hidden.shape[0]
-    chunk = chunk_size or default_chunk_size(N, weight.shape[0], student_hidden.device)
+    chunk = chunk_size or default_chunk_size(N, vocab, student_hidden.device)
     chunk = max(1, min(chunk, N))
-    # Same tensor object -> one stacked GEMM; the teacher side never receives a gradient.
-    W_t = weight if teacher_weight is None or teacher_weight is weight else teacher_weight.detach()
-    return _FusedLinearJSDFunction.apply(
-        student_hidden, teacher_hidden.detach(), weight, W_t, token_weights, float(beta),
-        float(student_temperature), float(teacher_temperature), reduction, chunk, backend)
+    # The same tensor for both -> one stacked GEMM; the teacher side never receives a gradient.
+    W_t = None if teacher_weight is None or teacher_weight is weight else teacher_weight.detach()
+    grad = torch.is_grad_enabled()
+    loss, rows, _, _ = _fused_op(
+        student_hidden, teacher_hidden.detach(), weight, W_t,
+        _row_weights(token_weights, N, student_hidden.device), float(beta), 1.0 / float(student_temperature),
+        1.0 / float(teacher_temperature), reduction, int(chunk), backend, int(vocab),
+        "" if process_group is None else process_group.group_name,
+        grad and student_hidden.requires_grad, grad and weight.requires_grad)
+    return (loss, rows.detach()) if return_token_losses else loss
 
 
 class _LogitsJSDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z_s, z_t, token_weights, beta, ts, tt, reduction, backend):
+    def forward(ctx, z_s, z_t, w, beta, ts, tt, reduction, backend, vocab):
         rows_fn = _rows_fn(backend, z_s.device)
-        w = _row_weights(token_weights, z_s.shape[0], z_s.device)
         eager = reduction != "none" and ctx.needs_input_grad[0]
-        zt = z_t.detach().to(torch.float32).contiguous()
-        grad = z_s.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+        zt = z_t.detach()[:, :vocab].to(torch.float32).contiguous()
+        grad = z_s.detach()[:, :vocab].to(torch.float32).clone(memory_format=torch.contiguous_format)
         loss_rows = torch.empty(z_s.shape[0], dtype=torch.float32, device=z_s.device)
-        rows_fn(grad, zt, _grad_scale(w, reduction) if eager else w, loss_rows,
-                1.0 / ts, 1.0 / tt, beta, eager)
-        ctx.reduction, ctx.dtype = reduction, z_s.dtype
-        ctx.args = (beta, 1.0 / ts, 1.0 / tt, rows_fn)
+        rows_fn(grad, zt, _grad_scale(w, reduction) if eager else w, loss_rows, 1.0 / ts, 1.0 / tt, beta, eager)
+        ctx.reduction, ctx.dtype, ctx.width = reduction, z_s.dtype, z_s.shape[1]
+        ctx.args = (beta, 1.0 / ts, 1.0 / tt, rows_fn, vocab)
         if reduction == "none":
             ctx.save_for_backward(z_s, z_t, w)
-            return loss_rows * w
-        ctx.save_for_backward(grad if eager else None)
-        return _reduce(loss_rows, w, reduction)
+        else:
+            ctx.save_for_backward(grad if eager else None)
+        return _reduce(loss_rows, w, reduction), loss_rows
 
     @staticmethod
-    def backward(ctx, grad_out):
-        beta, inv_ts, inv_tt, rows_fn = ctx.args
+    def backward(ctx, grad_out, _grad_rows):
+        beta, inv_ts, inv_tt, rows_fn, vocab = ctx.args
         if ctx.reduction == "none":
             z_s, z_t, w = ctx.saved_tensors
-            grad = z_s.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+            grad = z_s.detach()[:, :vocab].to(torch.float32).clone(memory_format=torch.contiguous_format)
             loss_rows = torch.empty(z_s.shape[0], dtype=torch.float32, device=z_s.device)
-            rows_fn(grad, z_t.detach().to(torch.float32).contiguous(),
+            rows_fn(grad, z_t.detach()[:, :vocab].to(torch.float32).contiguous(),
                     (grad_out.float() * w).contiguous(), loss_rows, inv_ts, inv_tt, beta, True)
         else:
             (grad,) = ctx.saved_tensors
             grad = grad * grad_out.float()
-        return grad.to(ctx.dtype), None, None, None, None, None, None, None
+        if vocab < ctx.width:  # padding columns of the student: no gradient
+            grad = torch.nn.functional.pad(grad, (0, ctx.width - vocab))
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
-        teacher_temperature=1.0, token_weights=None, reduction="mean", backend="auto"):
-    """fused_linear_jsd for logits already in hand ([N, V] each); same conventions."""
-    _validate(student_logits, teacher_logits, None, None, beta, student_temperature,
-              teacher_temperature, token_weights, reduction, None, backend, logits=True)
-    return _LogitsJSDFunction.apply(student_logits, teacher_logits, token_weights, float(beta),
-                                    float(student_temperature), float(teacher_temperature),
-                                    reduction, backend)
+        teacher_temperature=1.0, token_weights=None, reduction="mean", backend="auto", vocab_size=None,
+        return_token_losses=False):
+    """fused_linear_jsd for logits already in hand ([N, V] and [N, V_t]); same conventions. Columns
+    that are -inf in both (vocabulary padding, masked tokens) take no part."""
+    vocab = _validate(student_logits, teacher_logits, None, None, beta, student_temperature,
+                      teacher_temperature, token_weights, reduction, None, backend, vocab_size, logits=True)
+    w = _row_weights(token_weights, student_logits.shape[0], student_logits.device)
+    loss, rows = _LogitsJSDFunction.apply(student_logits, teacher_logits, w, float(beta),
+                                          float(student_temperature), float(teacher_temperature),
+                                          reduction, backend, vocab)
+    return (loss, rows.detach()) if return_token_losses else loss
 
 
 class FusedLinearJSD(nn.Module):
     """Module form of fused_linear_jsd: the loss settings at construction, tensors at call."""
 
     def __init__(self, beta=0.5, student_temperature=1.0, teacher_temperature=1.0,
-                 reduction="mean", chunk_size=None, backend="auto"):
+                 reduction="mean", chunk_size=None, backend="auto", vocab_size=None):
         super().__init__()
         self.beta, self.reduction = beta, reduction
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
-        self.chunk_size, self.backend = chunk_size, backend
+        self.chunk_size, self.backend, self.vocab_size = chunk_size, backend, vocab_size
 
     def forward(self, student_hidden, teacher_hidden, weight, teacher_weight=None, token_weights=None):
         return fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight,
                                 beta=self.beta, student_temperature=self.student_temperature,
                                 teacher_temperature=self.teacher_temperature,
                                 token_weights=token_weights, reduction=self.reduction,
-                                chunk_size=self.chunk_size, backend=self.backend)
+                                chunk_size=self.chunk_size, backend=self.backend, vocab_size=self.vocab_size)
 
     def extra_repr(self):
         return (f"beta={self.beta}, student_temperature={self.student_temperature}, "

@@ -7,7 +7,7 @@ import triton.language as tl
 
 # The math is the one in csrc/jsd_rows.cpp (see its header): d = t - s is built from the logit
 # difference and a log-sum-exp difference kept in float64, and every term is written in d.
-# Unlike the C++ kernel, pass 3 recomputes q and g instead of storing them: on a GPU the extra
+# Unlike the C++ kernel, pass 3 recomputes q and r instead of storing them: on a GPU the extra
 # transcendentals are cheaper than another [C, V] write.
 
 
@@ -44,20 +44,59 @@ def _log1p(y):
 
 
 @triton.jit
+def _em1md_small(x):
+    """expm1(x) - x for |x| < 0.5, by its series."""
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    return x * x * p
+
+
+@triton.jit
+def _f_small(x):
+    """x e^x - expm1(x) for |x| < 0.5."""
+    return x * x + (x - 1.0) * _em1md_small(x)
+
+
+@triton.jit
+def _times(a, b):
+    """a * b, and 0 where a == 0 (a zero probability times an infinite log-ratio)."""
+    return tl.where(a == 0.0, 0.0, a * b)
+
+
+@triton.jit
 def _row_terms(us, ut, ls, dl, beta, MODE: tl.constexpr):
-    """q, p, d and the mixture terms (g, d - g) of one block; MODE 0 fwd KL, 1 rev KL, 2 mixture."""
-    s = us - ls
-    d = (ut - us) - dl
-    q = tl.exp(s)
-    if MODE == 2:
-        dpos = d > 0.0
-        h = _log1p(tl.where(dpos, 1.0 - beta, beta) * _expm1(-tl.abs(d)))
-        g = tl.where(dpos, d + h, h)
-        dmg = tl.where(dpos, -h, d - h)
+    """One block's loss terms (each >= 0 and O(d^2) near d = 0, see csrc/jsd_rows.cpp), q, and the
+    raw gradient r: the gradient is r - q sum(r), centred with the same d so an error in dl
+    cancels. MODE 0 forward KL, 1 reverse KL, 2 mixture."""
+    dead = (us == float("-inf")) & (ut == float("-inf"))  # vocabulary padding: absent in both
+    d = tl.where(dead, 0.0, (ut - us) - dl)
+    q = tl.exp(us - ls)
+    p = tl.exp(ut - (ls + dl))
+    near = (d > -0.5) & (d < 0.5)
+    if MODE == 0:
+        term = tl.where(near, q * _f_small(d), _times(p, d) - p + q)
+        dc = tl.minimum(tl.maximum(d, -0.5), 0.5)
+        r = tl.where(near, -q * _expm1(dc), q - p)
+    elif MODE == 1:
+        term = tl.where(near, q * _em1md_small(d), -_times(q, d) + p - q)
+        r = -_times(q, d)
     else:
-        g = d
-        dmg = d
-    return s, d, q, g, dmg
+        dpos = d > 0.0
+        h = _log1p(tl.where(dpos, 1.0 - beta, beta) * _expm1(tl.where(dpos, -d, d)))
+        g = tl.where(dpos, d + h, h)  # log(m / q)
+        dmg = tl.where(dpos, -h, d - h)  # log(p / m)
+        dc = tl.minimum(tl.maximum(d, -0.5), 0.5)
+        gc = tl.minimum(tl.maximum(g, -0.5), 0.5)
+        close = q * (beta * _f_small(dc) - _f_small(gc))
+        term = tl.where(near, close, beta * _times(p, dmg) - (1.0 - beta) * _times(q, g))
+        r = -(1.0 - beta) * _times(q, g)
+    return term, q, r
 
 
 @triton.jit
@@ -95,55 +134,34 @@ def _jsd_rows_kernel(zs_ptr, zt_ptr, g_ptr, scale_ptr, loss_ptr, stride_s, strid
                 + tl.sum(tl.exp(ut - new_t), axis=0).to(tl.float64)
             m_s = new_s
             m_t = new_t
-        ratio = (sum_t / sum_s).to(tl.float32)
-        ls = m_s + tl.log(sum_s.to(tl.float32))
-        dl = (m_t - m_s) + tl.log(ratio)
+        # Per-row scalars in float64: log of a ratio near 1 in fp32 would shift every d by ~1e-7.
+        ls = (m_s.to(tl.float64) + tl.log(sum_s)).to(tl.float32)
+        dl = ((m_t - m_s).to(tl.float64) + tl.log(sum_t / sum_s)).to(tl.float32)
         gscale = scale * inv_ts
 
-        # Pass 2: row sums (and, for forward KL, the gradient itself).
-        acc_p = tl.sum(tl.zeros([BLOCK], tl.float64), axis=0)
-        acc_q = acc_p
+        # Pass 2: the loss, and the raw gradient's row sum.
+        acc_l = tl.sum(tl.zeros([BLOCK], tl.float64), axis=0)
+        acc_r = acc_l
         for start in range(0, V, BLOCK):
             cols = start + offs
             mask = cols < V
             us = tl.load(zs_row + cols, mask=mask, other=0.0) * inv_ts
             ut = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_tt
-            s, d, q, g, dmg = _row_terms(us, ut, ls, dl, beta, MODE)
-            if MODE == 1:
-                acc_q += tl.sum(tl.where(mask, -q * d, 0.0), axis=0).to(tl.float64)
-            else:
-                p = tl.exp(s + d)
-                acc_p += tl.sum(tl.where(mask, p * dmg, 0.0), axis=0).to(tl.float64)
-                if MODE == 2:
-                    acc_q += tl.sum(tl.where(mask, -q * g, 0.0), axis=0).to(tl.float64)
-                if MODE == 0:
-                    if WRITE_GRAD:
-                        small = (d > -0.5) & (d < 0.5)
-                        grad = tl.where(small, -q * _expm1(tl.minimum(tl.maximum(d, -0.5), 0.5)), q - p)
-                        tl.store(g_row + cols, (grad * gscale).to(g_ptr.dtype.element_ty), mask=mask)
-        if MODE == 0:
-            loss = acc_p
-        elif MODE == 1:
-            loss = acc_q
-        else:
-            loss = beta * acc_p + (1.0 - beta) * acc_q
-        tl.store(loss_ptr + row, loss.to(tl.float32))
+            term, q, r = _row_terms(us, ut, ls, dl, beta, MODE)
+            acc_l += tl.sum(tl.where(mask, term, 0.0), axis=0).to(tl.float64)
+            acc_r += tl.sum(tl.where(mask, r, 0.0), axis=0).to(tl.float64)
+        tl.store(loss_ptr + row, acc_l.to(tl.float32))
 
-        # Pass 3 (beta > 0): the gradient needs the row sum from pass 2.
-        if MODE != 0:
-            if WRITE_GRAD:
-                c = acc_q.to(tl.float32)
-                for start in range(0, V, BLOCK):
-                    cols = start + offs
-                    mask = cols < V
-                    us = tl.load(zs_row + cols, mask=mask, other=0.0) * inv_ts
-                    ut = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_tt
-                    s, d, q, g, dmg = _row_terms(us, ut, ls, dl, beta, MODE)
-                    if MODE == 1:
-                        grad = q * (-d - c)
-                    else:
-                        grad = (1.0 - beta) * q * (-g - c)
-                    tl.store(g_row + cols, (grad * gscale).to(g_ptr.dtype.element_ty), mask=mask)
+        # Pass 3: the gradient r - q sum(r), recomputed (cheaper on a GPU than storing q and r).
+        if WRITE_GRAD:
+            c = acc_r.to(tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                mask = cols < V
+                us = tl.load(zs_row + cols, mask=mask, other=0.0) * inv_ts
+                ut = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_tt
+                term, q, r = _row_terms(us, ut, ls, dl, beta, MODE)
+                tl.store(g_row + cols, ((r - _times(q, c)) * gscale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _kernel_for(device: torch.device):
