@@ -44,6 +44,19 @@ def words(text: str) -> list[str]:
     return [normalize_word(w) for w in _WORD.findall(text)]
 
 
+def _forms(word: str) -> set[str]:
+    """A word's folded form and, for an -es plural, both readings (gases -> gas, cases -> case)."""
+    w = word.lower()
+    out = {normalize_word(w)}
+    if len(w) > 4 and w.endswith("es"):
+        out |= {w[:-1], w[:-2]}
+    return {f for f in out if len(f) > 1}
+
+
+def grounded(concept_word: str, problem_words: set[str]) -> bool:
+    return bool(_forms(concept_word) & problem_words)
+
+
 @dataclass(frozen=True)
 class Anchored:
     outcome: str            # one of OUTCOMES
@@ -51,51 +64,130 @@ class Anchored:
     concept: str | None = None
 
 
-def anchor(feedback: str, problem_text: str) -> Anchored:
-    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4)."""
+def anchor(feedback: str, problem_text: str, *, answer: str | None = None,
+           options: list[tuple[str, str]] | None = None) -> Anchored:
+    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4);
+    the kept critique is sanitized of answer statements (with the gold label and option texts, when
+    known, of every statement of that answer), and is `empty` if nothing is left."""
     match = _CONCEPT.search(feedback)
     if match is None:
         return Anchored("no_concept_tag", None)
     concept = match.group(1).strip()
     critique = _CONCEPT.sub(" ", feedback).strip()
-    concept_words = words(concept)
-    if not concept_words or not critique:
+    concept_words = _WORD.findall(concept)
+    if not concept_words or not _has_words(critique):
         return Anchored("empty", None, concept or None)
-    specific = [w for w in concept_words if w not in STOP_WORDS and w not in GENERIC_WORDS]
+    # A one-character word or a bare number does not ground a concept in the question.
+    specific = [w for w in concept_words if normalize_word(w) not in STOP_WORDS
+                and normalize_word(w) not in GENERIC_WORDS and len(w) > 1 and not w.isdigit()]
     if not specific:
         return Anchored("all_generic", None, concept)
-    if not set(specific) & set(words(problem_text)):
+    problem_words = {f for w in _WORD.findall(problem_text) for f in _forms(w)}
+    if not any(grounded(w, problem_words) for w in specific):
         return Anchored("no_match", None, concept)
-    return Anchored("kept", sanitize(critique), concept)
+    text = sanitize(critique, answer=answer, options=options)
+    if not _has_words(text):
+        return Anchored("empty", None, concept)
+    return Anchored("kept", text, concept)
 
 
-_L = r"[A-J]"
-_LEAKS = [
-    re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE),
-    re.compile(rf"</?answer>(?:\s*{_L}\b)?", re.IGNORECASE),
-    re.compile(rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{\s*)?\(?\s*{_L}\s*\)?\s*\}}?\s*\}}"),
-    re.compile(rf"\*\*\s*\(?\s*{_L}\s*\)?\s*[.:]?\s*\*\*"),
-    re.compile(rf"\b(?:the\s+)?(?:final\s+|correct\s+|right\s+|best\s+)?(?:answer|option|choice)"
-               rf"\s*(?:is|:|=|would\s+be|should\s+be|must\s+be)\s*(?:option\s+|choice\s+)?"
-               rf"\(?\s*\**\s*{_L}\s*\**\s*\)?(?![\w])\.?", re.IGNORECASE),
-    re.compile(rf"\b(?:option\s+|choice\s+)?\(?{_L}\)?\s+is\s+(?:the\s+)?(?:correct|right)"
-               rf"(?:\s+(?:answer|option|choice))?\b\.?", re.IGNORECASE),
-]
+def _has_words(text: str) -> bool:
+    return bool(re.search(r"[A-Za-z]{2,}|\d", text))
 
 
-def sanitize(text: str) -> str:
-    """Remove stated answers (boxed or bold letters, <answer> tags, "the answer is (B)" ...);
-    numeric boxed values and ordinary mentions of options stay. Unchanged if nothing leaks."""
+# ----------------------------------------------------------------------------- answer leaks
+# Option letters are capitals: "a" the article, or "a function of T", is never option A.
+_L = r"(?-i:[A-J])"
+_QUOTE = "'\"\u2018\u2019\u201c\u201d`"
+_OPEN = rf"[(\[{_QUOTE}]{{0,2}}"
+_CLOSE = rf"[)\]{_QUOTE}]{{0,2}}"
+_END = r"(?![\w-])"  # not "B-field", "B12", "Bs"
+
+
+def _stated(what: str) -> list[re.Pattern]:
+    """Phrases that state `what` (a letter class, or one option's text) as the answer."""
+    thing = rf"(?:(?:option|choice|answer)\s+)?{_OPEN}\s*{what}\s*{_CLOSE}{_END}"
+    flags = re.IGNORECASE
+    return [
+        # "the (final/correct) answer (here/therefore) is ...", "Final answer - B", "answer: (B)"
+        re.compile(rf"\b(?:the\s+)?(?:(?:final|correct|right|best|true|only|actual)\s+)?(?:answer|option|choice|pick)"
+                   rf"(?:\s+(?:here|then|therefore|thus|hence))?\s*(?:(?:is|was|will\s+be|would\s+be|should\s+be|"
+                   rf"must\s+be)(?:\s+(?:therefore|thus|then|clearly|definitely|probably|simply))?|[:=\-\u2013\u2014])"
+                   rf"\s*{thing}[.!]?", flags),
+        # "B is the correct answer", "option B is right"
+        re.compile(rf"{thing}\s+is\s+(?:the\s+)?(?:correct|right|best|true)(?:\s+(?:answer|option|choice|one))?"
+                   rf"\b[.!]?", flags),
+        # a conclusion closing a line: "Therefore, D.", "So it's B."
+        re.compile(rf"\b(?:therefore|thus|hence|so|overall|in\s+conclusion)\s*,?\s*(?:(?:it(?:'s|\s+is)|we\s+(?:get|"
+                   rf"have|pick|choose))\s+)?{thing}\s*[.!]?[ \t]*(?=$|\n)", flags | re.MULTILINE),
+        # choosing it: "pick B", "go with option C"
+        re.compile(rf"\b(?:choose|pick|select|go\s+with|opt\s+for|circle|answer\s+with|respond\s+with)\s+{thing}[.!]?",
+                   flags),
+        # a line that is nothing but the choice
+        re.compile(rf"^[ \t]*{thing}[ \t]*[.!]?[ \t]*$", flags | re.MULTILINE),
+    ]
+
+
+_GENERIC_LEAKS = [re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE),
+                  re.compile(rf"</?answer>(?:\s*{_L}{_END})?", re.IGNORECASE)] + _stated(_L)
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+_BOLD = re.compile(r"\*\*([^*\n]+?)\*\*")
+_LABEL_ONLY = re.compile(rf"^(?:(?:option|choice|answer)\s*)?{_OPEN}\s*{_L}\s*(?:[)\]{_QUOTE}.:]|$)", re.IGNORECASE)
+
+
+def _plain(tex: str) -> str:
+    """A boxed or bolded span without TeX wrappers, quotes and the words option/choice."""
+    t = re.sub(r"\\(?:text|mathrm|mathbf|textbf|mathit|textit|operatorname)\s*\{([^{}]*)\}", r"\1", tex)
+    t = re.sub(r"(?i)\b(?:option|choice|answer)\b", "", t)
+    return t.strip().strip(_QUOTE + "()[]{}.:").strip()
+
+
+def _same_text(a: str, b: str) -> bool:
+    return re.sub(r"\s+", " ", a).strip().lower() == re.sub(r"\s+", " ", b).strip().lower()
+
+
+def sanitize(text: str, *, answer: str | None = None, options: list[tuple[str, str]] | None = None) -> str:
+    """Remove stated answers: boxed or bold letters, <answer> tags, "the answer is (B)", "Final answer
+    - B", "Therefore, D." ...; with the gold `answer` and `options` (label, text) also every other
+    way of choosing that letter ("it's B", "go with B") and the gold option's text given as the
+    answer ("the answer is 3.2 eV", "**3.2 eV**"). Numeric boxed values and ordinary mentions of
+    options ("option B assumes...") stay. Unchanged if nothing leaks."""
+    gold_text = next((t for label, t in options or () if label == answer), None) if answer else None
+    patterns = list(_GENERIC_LEAKS)
+    if answer:
+        g = re.escape(answer)
+        patterns.append(re.compile(rf"\bit(?:'s|\s+is)\s+(?:(?:option|choice)\s+)?{_OPEN}\s*(?-i:{g})\s*{_CLOSE}"
+                                   rf"{_END}\s*[.!]?(?=\s|$)", re.IGNORECASE))
+        if gold_text and len(gold_text.strip()) > 1:
+            patterns += _stated(re.escape(gold_text.strip()))
+
+    def boxed(m):
+        inner = _plain(m.group(1))
+        leak = re.fullmatch(_L, inner) or (gold_text and _same_text(inner, gold_text))
+        return "" if leak else m.group(0)
+
+    def bold(m):
+        inner = m.group(1).strip()
+        leak = _LABEL_ONLY.match(inner) or (gold_text and _same_text(_plain(inner), gold_text))
+        return "" if leak else m.group(0)
+
     out = text
     for _ in range(10):  # removals can join text into a new leak; repeat to a fixed point
         before = out
-        for pattern in _LEAKS:
+        out = _BOXED.sub(boxed, out)
+        out = _BOLD.sub(bold, out)
+        for pattern in patterns:
             out = pattern.sub("", out)
         if out == before:
             break
     if out == text:
         return text
     return re.sub(r"[ \t]{2,}", " ", out).strip()
+
+
+def names_letter(text: str, letter: str) -> bool:
+    """Whether `text` still names option `letter` as a word (the leak-rate diagnostic)."""
+    return bool(re.search(rf"(?<![\w-]){re.escape(letter)}(?![\w-])", text))
 
 
 @dataclass

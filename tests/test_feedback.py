@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opcod.feedback import OUTCOMES, OutcomeCounts, anchor, normalize_word, sanitize
+from opcod.feedback import OUTCOMES, OutcomeCounts, anchor, names_letter, normalize_word, sanitize
 
 PROBLEM = ("What is the molar mass of calcium carbonate (CaCO3)? A: 100.09 g/mol B: 84.01 g/mol "
            "C: 56.08 g/mol D: 116.10 g/mol")
@@ -86,8 +86,9 @@ def test_no_boxed_letter_or_answer_tag_survives(before, letter, after, leak):
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_characters="<>\\*", blacklist_categories=("Cs",)), max_size=80))
 def test_text_without_answer_patterns_is_unchanged(text):
-    if re.search(r"(?i)\b(answer|option|choice)\b|\b[A-J]\)?\s+is\b", text):
-        return  # could legitimately contain a phrase like "answer: B"
+    if re.search(r"(?i)\b(answer|option|choice|pick|choose|select|circle|opt|therefore|thus|hence|so|overall|"
+                 r"conclusion)\b|\b[A-J]\)?\s+is\b", text) or re.search(r"(?m)^\W*[A-J]\W*$", text):
+        return  # could legitimately contain a phrase like "answer: B" or a line "B."
     assert sanitize(text) == text
 
 
@@ -102,3 +103,73 @@ def test_outcome_counts_merge():
     assert total.all_reduce().as_dict() == total.as_dict()  # no process group: unchanged
     with pytest.raises(ValueError, match="outcome"):
         a.add("maybe")
+
+
+# ----------------------------------------------------------------------------- leaks that got through
+
+@pytest.mark.parametrize("leaky", [
+    r"\boxed{\mathrm{B}}", r"\boxed{\text{Option B}}", "**Option B**", "**B) 3.2 eV**", "Final answer - B",
+    "the correct choice here is B", "The correct answer is therefore B.", "The answer is 'B'", "Therefore, D.",
+    "So the answer would be (C).", "Pick option A.", "In conclusion, it's B.",
+])
+def test_phrasings_that_passed_through_are_removed(leaky):
+    out = sanitize(f"Recheck the units first. {leaky}\nThen compare.")
+    assert not re.search(r"(?<![\w-])[A-J](?![\w-])", out), out
+    assert out.startswith("Recheck the units first.") and out.endswith("Then compare.")
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is a function of temperature.",  # the article, not option A
+    "A larger gap needs more energy.", "So B is more stable than A.", "Option B assumes constant pressure.",
+    "Use the B-field here.", "Vitamin B12 matters.",
+])
+def test_letters_in_ordinary_sentences_stay(text):
+    assert sanitize(text) == text
+    assert sanitize(text, answer="B", options=[("A", "1 eV"), ("B", "3.2 eV")]) == text
+
+
+GOLD = [("A", "1.1 eV"), ("B", "3.2 eV"), ("C", "molecular orbital theory"), ("D", "none of these")]
+choose = st.sampled_from([
+    "The answer is {x}.", "Final answer: {x}", "answer - {x}", "It's {x}.", "it is {x}", "go with {x}.",
+    "Pick {x}.", "Therefore, {x}.", "So it's {x}.", "{x} is the correct answer.", "The correct option is {x}",
+    "\\boxed{{{x}}}", "**{x}**", "'{x}' is right.", "{x}",
+])
+decorate = st.sampled_from(["{}", "({})", "'{}'", "option {}", "Option {}", "choice {}"])
+calm = st.text(alphabet="abcdefghklmnpqrtuvwxyz ,;0123456789", max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(calm, choose, decorate, calm, st.sampled_from(GOLD))
+def test_with_the_gold_label_no_statement_of_its_letter_survives(before, template, deco, after, gold):
+    letter = gold[0]
+    leak = template.format(x=deco.format(letter))
+    out = sanitize(f"{before}\n{leak}\n{after}", answer=letter, options=GOLD)
+    assert not names_letter(out, letter), (leak, out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(calm, st.sampled_from(["The answer is {t}.", "Final answer: {t}", "**{t}**", "\\boxed{{{t}}}",
+                              "Therefore, {t}.", "the correct choice is {t}"]), calm, st.sampled_from(GOLD))
+def test_with_the_option_texts_the_gold_text_given_as_the_answer_is_removed(before, template, after, gold):
+    label, text = gold
+    out = sanitize(f"{before}\n{template.format(t=text)}\n{after}", answer=label, options=GOLD)
+    assert text.lower() not in out.lower(), out
+
+
+def test_the_gold_text_in_an_explanation_stays():
+    text = "3.2 eV would need a larger band gap than this material has."
+    assert sanitize(text, answer="B", options=GOLD) == text
+
+
+def test_anchor_grounding_and_emptiness():
+    problem = "Which law describes ideal gases at constant temperature? A: Boyle B: Charles"
+    assert anchor("<concept>gas</concept> Think of pressure.", problem).outcome == "kept"
+    assert anchor("<concept>gases</concept> Think of pressure.", "Which gas law applies?").outcome == "kept"
+    assert anchor("<concept>cases</concept> Think.", "In which case does it hold?").outcome == "kept"
+    # One letter or a bare number does not ground a concept, even if it "appears" in the question.
+    assert anchor("<concept>A</concept> Think of pressure.", problem).outcome == "all_generic"
+    assert anchor("<concept>12</concept> Think.", "What is 12 squared?").outcome == "all_generic"
+    # Nothing left once the answer statement is removed: empty, not kept with text ''.
+    result = anchor("<concept>ideal gases</concept> The answer is B.", problem, answer="B",
+                    options=[("A", "Boyle"), ("B", "Charles")])
+    assert result.outcome == "empty" and result.text is None
