@@ -91,10 +91,12 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _rows_fn(backend: str, device: torch.device, group=None):
+def _rows_fn(backend: str, device: torch.device, group=None, topk: int = 0, tail: bool = True):
     """The row kernel for a backend: (zs, zt, row_scale, loss, inv_ts, inv_tt, beta, write_grad,
     grad_out=None). With a process group (the vocabulary split over its ranks) the row scalars are
-    all-reduced, in plain PyTorch ops on any backend."""
+    all-reduced, and top-k distillation works on the chunk's rows, in plain PyTorch ops on any backend."""
+    if topk:
+        return functools.partial(torch_rows.topk_rows, k=topk, tail=tail)
     if group is not None:
         return functools.partial(torch_rows.jsd_rows_sharded, group=group)
     if backend == "auto":
@@ -238,6 +240,13 @@ def _empty(like):
     return like.new_empty(0)
 
 
+def _check_topk(topk, tail, vocab):
+    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab):
+        raise ValueError(f"topk must be None (the exact loss) or an int in [1, {vocab}], got {topk!r}")
+    if not isinstance(tail, bool):
+        raise ValueError(f"tail must be a bool, got {tail!r}")
+
+
 # ----------------------------------------------------------------------------- the registered op
 # A torch.library custom op with a fake (meta) implementation and its autograd, so that
 # torch.compile(fullgraph=True) traces a loss that calls fused_linear_jsd as one opaque node.
@@ -245,21 +254,22 @@ def _empty(like):
 @torch.library.custom_op("opcod_kernels::fused_linear_jsd", mutates_args=())
 def _fused_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
               w: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, reduction: str, chunk: int,
-              backend: str, vocab: int, group_name: str, want_dh: bool,
+              backend: str, vocab: int, group_name: str, topk: int, tail: bool, want_dh: bool,
               want_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-row losses, dH, dW fp32): the gradients come out of the forward for "mean" and
     "sum" (already scaled by the reduction's row weights); empty when not wanted or for "none"."""
     group = _group(group_name)
     eager = reduction != "none" and (want_dh or want_dw)
     loss_rows, dH, dW = _chunked(h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w, beta, inv_ts,
-                                 inv_tt, chunk, _rows_fn(backend, h_s.device, group), vocab, want_dh, want_dw,
-                                 eager, group)
+                                 inv_tt, chunk, _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh,
+                                 want_dw, eager, group)
     return (_reduce(loss_rows, w, reduction), loss_rows,
             _empty(h_s) if dH is None else dH, _empty(loss_rows) if dW is None else dW)
 
 
 @_fused_op.register_fake
-def _(h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, want_dh, want_dw):
+def _(h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk, tail,
+      want_dh, want_dw):
     N, H = h_s.shape
     eager = reduction != "none"
     loss = h_s.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
@@ -271,27 +281,28 @@ def _(h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, voca
 @torch.library.custom_op("opcod_kernels::fused_linear_jsd_backward", mutates_args=())
 def _fused_backward_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
                        row_scale: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, chunk: int,
-                       backend: str, vocab: int, group_name: str, want_dh: bool,
+                       backend: str, vocab: int, group_name: str, topk: int, tail: bool, want_dh: bool,
                        want_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """reduction="none": the upstream gradient is per row and enters dW inside its GEMM, so the
     chunks are computed again with it as the row scale."""
     group = _group(group_name)
     _, dH, dW = _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk,
-                         _rows_fn(backend, h_s.device, group), vocab, want_dh, want_dw, True, group)
+                         _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh, want_dw, True, group)
     return _empty(h_s) if dH is None else dH, _empty(row_scale) if dW is None else dW
 
 
 @_fused_backward_op.register_fake
-def _(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw):
+def _(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh,
+      want_dw):
     dH = h_s.new_empty(tuple(h_s.shape) if want_dh else (0,))
     return dH, h_s.new_empty(tuple(W.shape) if want_dw else (0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    (h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name,
+    (h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk, tail,
      want_dh, want_dw) = inputs
     ctx.reduction, ctx.w_dtype, ctx.h_dtype = reduction, W.dtype, h_s.dtype
-    ctx.args = (beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw)
+    ctx.args = (beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw)
     if reduction == "none":
         ctx.save_for_backward(h_s, h_t, W, W_t, w)
     else:
@@ -299,11 +310,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, _g_rows, _g_dh, _g_dw):
-    beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, want_dh, want_dw = ctx.args
+    beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw = ctx.args
     if ctx.reduction == "none":
         h_s, h_t, W, W_t, w = ctx.saved_tensors
         dH, dW = _fused_backward_op(h_s, h_t, W, W_t, (g_loss.float() * w).contiguous(), beta, inv_ts, inv_tt,
-                                    chunk, backend, vocab, group_name, want_dh, want_dw)
+                                    chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw)
         g = None
     else:
         dH, dW = ctx.saved_tensors
@@ -312,7 +323,7 @@ def _backward(ctx, g_loss, _g_rows, _g_dh, _g_dw):
     # Scaled in fp32 and rounded on store into the weight's dtype: no second fp32 [V, H].
     dW = torch.mul(dW, 1.0 if g is None else g).to(ctx.w_dtype) if want_dw else None
     return (dH if want_dh else None, None, dW, None, None, None, None, None, None, None, None, None, None,
-            None, None)
+            None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -321,7 +332,7 @@ _fused_op.register_autograd(_backward, setup_context=_setup_context)
 def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None, *, beta=0.5,
                      student_temperature=1.0, teacher_temperature=1.0, token_weights=None,
                      reduction="mean", chunk_size=None, backend="auto", vocab_size=None,
-                     return_token_losses=False, process_group=None):
+                     return_token_losses=False, process_group=None, topk=None, tail=True):
     """Generalized JSD between the student's and the teacher's next-token distributions.
 
     Student logits are student_hidden @ weight.T, teacher logits teacher_hidden @ teacher_weight.T
@@ -334,11 +345,15 @@ def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None
     it take no part and get no gradient); default: the smaller of the two. process_group: weight
     (and teacher_weight) hold this rank's rows of a vocabulary split over the group's ranks, in rank
     order; the row statistics are all-reduced, dH is complete on every rank, dW is this rank's rows.
+    topk: SDPO's top-k distillation instead of the exact loss: the student's top-k tokens per row and,
+    with tail, one bucket for the rest (else renormalised over the k); gradients through the
+    student's full log-softmax.
     """
     vocab = _validate(student_hidden, teacher_hidden, weight, teacher_weight, beta, student_temperature,
                       teacher_temperature, token_weights, reduction, chunk_size, backend, vocab_size)
-    if process_group is not None and vocab_size is not None:
-        raise ValueError("vocab_size cannot be combined with process_group (each rank holds its own rows)")
+    _check_topk(topk, tail, vocab)
+    if process_group is not None and (vocab_size is not None or topk):
+        raise ValueError("process_group cannot be combined with vocab_size or topk (each rank holds its own rows)")
     N = student_hidden.shape[0]
     chunk = chunk_size or default_chunk_size(N, vocab, student_hidden.device)
     chunk = max(1, min(chunk, N))
@@ -349,15 +364,15 @@ def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None
         student_hidden, teacher_hidden.detach(), weight, W_t,
         _row_weights(token_weights, N, student_hidden.device), float(beta), 1.0 / float(student_temperature),
         1.0 / float(teacher_temperature), reduction, int(chunk), backend, int(vocab),
-        "" if process_group is None else process_group.group_name,
+        "" if process_group is None else process_group.group_name, int(topk or 0), bool(tail),
         grad and student_hidden.requires_grad, grad and weight.requires_grad)
     return (loss, rows.detach()) if return_token_losses else loss
 
 
 class _LogitsJSDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z_s, z_t, w, beta, ts, tt, reduction, backend, vocab):
-        rows_fn = _rows_fn(backend, z_s.device)
+    def forward(ctx, z_s, z_t, w, beta, ts, tt, reduction, backend, vocab, topk, tail):
+        rows_fn = _rows_fn(backend, z_s.device, None, topk, tail)
         eager = reduction != "none" and ctx.needs_input_grad[0]
         zt = z_t.detach()[:, :vocab].to(torch.float32).contiguous()
         grad = z_s.detach()[:, :vocab].to(torch.float32).clone(memory_format=torch.contiguous_format)
@@ -385,20 +400,21 @@ class _LogitsJSDFunction(torch.autograd.Function):
             grad = grad * grad_out.float()
         if vocab < ctx.width:  # padding columns of the student: no gradient
             grad = torch.nn.functional.pad(grad, (0, ctx.width - vocab))
-        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
         teacher_temperature=1.0, token_weights=None, reduction="mean", backend="auto", vocab_size=None,
-        return_token_losses=False):
+        return_token_losses=False, topk=None, tail=True):
     """fused_linear_jsd for logits already in hand ([N, V] and [N, V_t]); same conventions. Columns
     that are -inf in both (vocabulary padding, masked tokens) take no part."""
     vocab = _validate(student_logits, teacher_logits, None, None, beta, student_temperature,
                       teacher_temperature, token_weights, reduction, None, backend, vocab_size, logits=True)
+    _check_topk(topk, tail, vocab)
     w = _row_weights(token_weights, student_logits.shape[0], student_logits.device)
     loss, rows = _LogitsJSDFunction.apply(student_logits, teacher_logits, w, float(beta),
                                           float(student_temperature), float(teacher_temperature),
-                                          reduction, backend, vocab)
+                                          reduction, backend, vocab, int(topk or 0), bool(tail))
     return (loss, rows.detach()) if return_token_losses else loss
 
 

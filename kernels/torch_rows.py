@@ -2,6 +2,8 @@
 for a vocabulary split over ranks (each rank holds some columns; per-row scalars are all-reduced)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -105,3 +107,56 @@ def jsd_rows_sharded(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor
     parts = torch.stack([term.double().sum(1), r.double().sum(1)], 1)
     dist.all_reduce(parts, group=group)
     _finish(zs, parts[:, 0], q, parts[:, 1:], r, row_scale, loss, inv_ts, write_grad, grad_out)
+
+
+def topk_rows(zs: torch.Tensor, zt: torch.Tensor, row_scale: torch.Tensor, loss: torch.Tensor,
+              inv_ts: float, inv_tt: float, beta: float, write_grad: bool,
+              grad_out: torch.Tensor | None = None, *, k: int, tail: bool) -> None:
+    """jsd_rows' contract for SDPO's top-k distillation (opcod_kernels.reference.topk_buckets): per
+    row the student's top-k tokens and a tail bucket, each model normalised over its full
+    vocabulary; the gradient flows through the student's full log-softmax.
+
+    The bucket math is float64 over [C, k + 1]. With G_b = dD/ds_b per bucket, the gradient on the
+    student's scaled logits u is G_j - q_j (sum G_k + G_tail) on the k tokens and
+    -q_j (sum G_k - G_tail S / (1 - S)) elsewhere (S = the k tokens' mass; no tail gradient where
+    SDPO clamps it); without the tail, G_j - pi_j sum G_k on the k tokens (pi: renormalised) and 0."""
+    from .reference import bucket_divergence
+    us, ut = zs * inv_ts, zt * inv_tt
+    ls = torch.logsumexp(us, 1, keepdim=True)
+    lt = torch.logsumexp(ut, 1, keepdim=True)
+    idx = torch.topk(us, k, dim=1).indices
+    s = (us.gather(1, idx) - ls).double()
+    t = (ut.gather(1, idx) - lt).double()
+    if tail:
+        mass = torch.logsumexp(s, 1, keepdim=True)
+        clamped = mass > -1e-7
+        s = torch.cat([s, torch.log(-torch.expm1(mass.clamp(max=-1e-7)))], 1)
+        t = torch.cat([t, torch.log(-torch.expm1(torch.logsumexp(t, 1, keepdim=True).clamp(max=-1e-7)))], 1)
+    else:
+        s = s - torch.logsumexp(s, 1, keepdim=True)
+        t = t - torch.logsumexp(t, 1, keepdim=True)
+    rows = bucket_divergence(s, t, beta)
+    keep = row_scale != 0
+    loss.copy_(torch.where(keep, rows.float(), torch.zeros_like(loss)))
+    if not write_grad:
+        return
+    if beta == 0.0:
+        G = -t.exp()
+    elif beta == 1.0:
+        G = s.exp() * (s - t + 1)
+    else:
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+        G = (1 - beta) * s.exp() * (s - m)
+    if tail:
+        G_k, G_tail = G[:, :k], torch.where(clamped, torch.zeros_like(G[:, k:]), G[:, k:])
+        S = torch.exp(mass).clamp(max=1 - 1e-7)
+        q = torch.exp(us - ls)
+        grad = -q * (G_k.sum(1, keepdim=True) - G_tail * S / (1 - S)).float()
+        on_k = G_k - torch.exp(s[:, :k]) * (G_k.sum(1, keepdim=True) + G_tail)
+    else:
+        grad = torch.zeros_like(us)
+        on_k = G - torch.exp(s) * G.sum(1, keepdim=True)
+    grad.scatter_(1, idx, on_k.float())
+    zs.copy_(torch.where(keep[:, None], grad * (row_scale * inv_ts)[:, None], torch.zeros_like(grad)))
+    if grad_out is not None:
+        grad_out.copy_(zs)
