@@ -15,6 +15,7 @@ TEACHER_WEIGHTS = ("current", "ema", "initial")
 TUTOR_SNAPSHOTS = ("round_start", "latest")
 ENGINES = ("hf", "vllm")
 RESUME = ("auto", "force")
+NORMALIZE = ("sequence", "token")
 TUTOR_ENGINES = ("separate", "shared")
 DATA_SOURCES = ("synthetic", "sciknoweval", "jsonl")
 
@@ -66,8 +67,16 @@ class LossConfig:
     max_solution_tokens: int = 1024
     max_feedback_tokens: int = 512
     max_nonfinite_steps: int = 3        # consecutive skipped steps before the run stops
-    grpo_clip: float = 0.2              # method=grpo: PPO ratio clipping
-    grpo_kl: float = 0.0                # method=grpo: KL to the initial policy (off, as in the paper)
+    normalize: str = "sequence"         # sequence: each sequence's token mean, averaged (Eq. 1, SDPO) | token
+    topk: int | None = None             # SDPO's top-k distillation over this many tokens (null: exact loss)
+    topk_tail: bool = True              # with topk: one bucket for the rest of the vocabulary (SDPO's add_tail)
+    # method=grpo, with the values of SDPO's GRPO baseline (baseline_grpo.yaml and its run script):
+    grpo_std_normalize: bool = False    # divide advantages by the group's std (SDPO: no)
+    grpo_mini_batches: int = 4          # optimizer updates per batch (SDPO: 32 prompts in mini-batches of 8)
+    grpo_clip_low: float = 0.2          # PPO ratio clip range [1 - low, 1 + high]
+    grpo_clip_high: float = 0.28
+    grpo_clip_dual: float = 3.0         # dual clip for negative advantages
+    grpo_kl: float = 0.0                # KL to the initial policy (off, as in SDPO and the paper)
 
 
 @dataclass
@@ -249,6 +258,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'tau' must be >= 0, got {cfg.tau}")
     if not 0 <= cfg.loss.beta <= 1:
         raise ConfigError(f"config key 'loss.beta' must be in [0, 1], got {cfg.loss.beta}")
+    _choice(cfg.loss.normalize, NORMALIZE, "loss.normalize")
+    if cfg.loss.topk is not None and (not isinstance(cfg.loss.topk, int) or isinstance(cfg.loss.topk, bool)
+                                      or cfg.loss.topk < 1):
+        raise ConfigError(f"config key 'loss.topk' must be null or an int >= 1, got {cfg.loss.topk!r}")
+    if cfg.loss.grpo_mini_batches < 1:
+        raise ConfigError(f"config key 'loss.grpo_mini_batches' must be >= 1, got {cfg.loss.grpo_mini_batches}")
     for key in ("rounds", "steps_per_phase", "prompts_per_step", "rollouts_per_prompt", "eval_k", "val_k"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")

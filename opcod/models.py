@@ -1,7 +1,7 @@
 """Students: a local Hugging Face model under FSDP2, its optimizer and LR schedule, teacher copies."""
 from __future__ import annotations
 
-import copy
+import math
 from pathlib import Path
 
 import torch
@@ -64,28 +64,43 @@ class Student(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, index, teacher_hidden=None, token_weights=None,
-                beta: float = 0.5, targets=None, policy=None):
+                beta: float = 0.5, targets=None, policy=None, teacher_weight=None, topk=None, tail=True):
         h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
         weight = self.lm.get_output_embeddings().weight
-        if policy is not None:  # GRPO: log-probs of the sampled tokens, or the summed token loss
+        if policy is not None:  # GRPO: log-probs of the sampled tokens, or the weighted token loss
             logp = fused_linear_logprobs(h, weight, targets)
-            return logp if policy == "logprobs" else grpo_token_loss(logp, **policy).sum()
+            if policy == "logprobs":
+                return logp
+            args = dict(policy)
+            weights = args.pop("weights")
+            return (grpo_token_loss(logp, **args) * weights).sum()
         if targets is not None:  # SFT: summed cross-entropy, logits of the selected positions only
             logits = (h @ weight.T).float()
             return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         if teacher_hidden is None:
             return h
-        return fused_linear_jsd(h, teacher_hidden.to(h.dtype), weight, beta=beta,
-                                token_weights=token_weights, reduction="sum")
+        return fused_linear_jsd(h, teacher_hidden.to(h.dtype), weight,
+                                None if teacher_weight is None else teacher_weight.to(h.dtype), beta=beta,
+                                token_weights=token_weights, reduction="sum", topk=topk, tail=tail)
+
+    def output_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole lm_head weight (gathered from its shards), detached, in `dtype`: an EMA or
+        initial teacher's own head for the loss kernel."""
+        w = self.lm.get_output_embeddings().weight
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w
+        return w.detach().to(dtype)
 
 
-def grpo_token_loss(logp, advantages, old_logp=None, clip: float = 0.2, ref_logp=None, kl: float = 0.0):
-    """Per-token clipped policy-gradient loss -min(r A, clip(r) A), r = exp(logp - logp_old), plus
-    kl * (exp(ref - logp) - (ref - logp) - 1) towards a reference policy when kl > 0."""
+def grpo_token_loss(logp, advantages, old_logp=None, clip_low: float = 0.2, clip_high: float = 0.28,
+                    clip_dual: float = 3.0, ref_logp=None, kl: float = 0.0):
+    """Per-token PPO loss as verl computes it: max(-A r, -A clip(r, 1 - low, 1 + high)), and for
+    A < 0 at most -A clip_dual (dual clip), r = exp(logp - logp_old); plus kl * (exp(ref - logp) -
+    (ref - logp) - 1) towards a reference policy when kl > 0."""
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
-    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
+    loss = torch.where(advantages < 0, torch.minimum(clipped, -advantages * clip_dual), clipped)
     if kl > 0 and ref_logp is not None:
         delta = ref_logp - logp
         loss = loss + kl * (torch.exp(delta) - delta - 1)
@@ -110,9 +125,10 @@ def shard(student: Student, device: torch.device, activation_checkpointing: bool
     return student.train()
 
 
-def frozen_copy(student: Student) -> Student:
-    """A sharded copy with the same placements, without gradients (EMA or initial teacher)."""
-    twin = copy.deepcopy(student)
+def frozen_student(path: str, device: torch.device, trust_remote_code: bool = False) -> Student:
+    """A sharded student loaded from `path` again, without gradients: the EMA or initial teacher
+    (the student's starting weights; FSDP2 refuses copy.deepcopy of a sharded module)."""
+    twin = shard(Student(load_causal_lm(path, trust_remote_code)), device)
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin.eval()
@@ -122,10 +138,25 @@ def frozen_copy(student: Student) -> Student:
 def ema_update(teacher: Student, student: Student, rate: float) -> None:
     """teacher <- (1 - rate) teacher + rate student, shard by shard."""
     from torch.distributed.tensor import DTensor
+    for m in (teacher, student):  # the update is shard by shard: no module may hold gathered weights
+        if hasattr(m, "reshard"):
+            m.reshard()
     for pt, ps in zip(teacher.parameters(), student.parameters()):
         lt = pt.to_local() if isinstance(pt, DTensor) else pt
         ls = ps.to_local() if isinstance(ps, DTensor) else ps
         lt.lerp_(ls.to(lt.dtype), rate)
+
+
+def apply_update(student: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> tuple[bool, float]:
+    """Clip the gradients and step, unless their norm is not finite: then the gradients are dropped
+    and nothing changes (as SDPO's actor does). Returns (stepped, grad norm)."""
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip, foreach=True)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stepped, grad_norm
 
 
 def make_optimizer(student: Student, lr: float, weight_decay: float, betas, warmup_steps: int):

@@ -9,7 +9,7 @@ import torch
 
 from . import prompts
 from .data import Problem
-from .feedback import OutcomeCounts, anchor
+from .feedback import OutcomeCounts, anchor, names_letter
 from .grading import reward
 
 
@@ -23,6 +23,7 @@ class Rollout:
     solution: str | None = None      # the self-anchor: another correct rollout of the same prompt
     feedback: str | None = None      # kept, sanitized tutor feedback
     outcome: str | None = None       # anchoring outcome when feedback was requested
+    leak: bool = False               # kept feedback that still names the gold letter after sanitizing
     teacher_prompt_ids: list[int] | None = None
 
     @property
@@ -55,9 +56,12 @@ def request_feedback(rollouts: Sequence[Rollout], allowed: Callable[[Rollout], b
                                       add_special_tokens=False) for r in asked]
     replies = tutor_generate(tutor_prompts)
     for r, ids in zip(asked, replies):
-        result = anchor(tokenizer.decode(ids, skip_special_tokens=True), r.problem.text)
+        # In training the gold label and the option texts are known: every statement of them goes.
+        result = anchor(tokenizer.decode(ids, skip_special_tokens=True), r.problem.text,
+                        answer=r.problem.answer, options=r.problem.options)
         r.outcome = result.outcome
         r.feedback = result.text
+        r.leak = result.text is not None and names_letter(result.text, r.problem.answer)
         counts.add(result.outcome)
     return counts
 
@@ -100,10 +104,37 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
     return ids.to(device), mask.to(device), torch.tensor(index, dtype=torch.long, device=device)
 
 
+def token_weights(rollouts: Sequence[Rollout], normalize: str, teacher_only: bool) -> list[float]:
+    """Each response token's weight in the step's loss before the global denominator: 1 per token
+    ("token": divided by all response tokens), or 1/|y| ("sequence": each sequence's token mean,
+    divided by all sequences, Eq. 1 and SDPO); 0 for a rollout without a teacher (it still counts
+    in the denominator, as in SDPO)."""
+    out = []
+    for r in rollouts:
+        w = 0.0 if teacher_only and not r.has_teacher else 1.0
+        if normalize == "sequence" and r.response_ids:
+            w /= len(r.response_ids)
+        out.extend([w] * len(r.response_ids))
+    return out
+
+
+def loss_denominator(rollouts: Sequence[Rollout], normalize: str, device) -> torch.Tensor:
+    """All ranks' response tokens ("token") or sequences ("sequence"), at least 1."""
+    import torch.distributed as dist
+    n = sum(len(r.response_ids) for r in rollouts) if normalize == "token" else len(rollouts)
+    t = torch.tensor(float(n), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.clamp_min(1)
+
+
 def distill_backward(student, teacher, rollouts: Sequence[Rollout], micro_batch: int, pad_id: int,
-                     device, beta: float, total_tokens: torch.Tensor) -> torch.Tensor:
-    """Accumulate d(loss)/d(theta) over micro-batches; loss = sum over teacher-backed response tokens
-    of the divergence, divided by all response tokens of the step (all ranks), as in SDPO.
+                     device, beta: float, denominator: torch.Tensor, normalize: str = "sequence",
+                     teacher_weight: torch.Tensor | None = None, topk: int | None = None,
+                     tail: bool = True) -> torch.Tensor:
+    """Accumulate d(loss)/d(theta) over micro-batches; loss = the weighted sum over teacher-backed
+    response tokens of the divergence (token_weights), divided by `denominator` (loss_denominator).
+    teacher_weight: the teacher's own lm_head (EMA or initial teacher); None: the student's.
     Every rank runs the same number of micro-batches (FSDP collectives)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for start in range(0, len(rollouts), micro_batch):
@@ -112,12 +143,14 @@ def distill_backward(student, teacher, rollouts: Sequence[Rollout], micro_batch:
         # Rollouts without a teacher reuse their own prompt; their tokens carry weight 0.
         t_ids, t_mask, t_index = pack([(r.teacher_prompt_ids or r.prompt_ids, r.response_ids) for r in chunk],
                                       pad_id, device)
-        weights = torch.tensor([1.0 if r.has_teacher else 0.0 for r in chunk for _ in r.response_ids],
-                               device=device)
+        weights = torch.tensor(token_weights(chunk, normalize, teacher_only=True), device=device)
         with torch.no_grad():
             h_t = teacher(t_ids, t_mask, t_index)
-        loss = student(s_ids, s_mask, s_index, teacher_hidden=h_t, token_weights=weights, beta=beta)
-        loss = loss / total_tokens
+        if teacher is not student and hasattr(teacher, "reshard"):
+            teacher.reshard()  # FSDP2 keeps a root's weights gathered after a forward with no backward
+        loss = student(s_ids, s_mask, s_index, teacher_hidden=h_t, token_weights=weights, beta=beta,
+                       teacher_weight=teacher_weight, topk=topk, tail=tail)
+        loss = loss / denominator
         # FSDP2 averages gradients over ranks; the loss is already normalised globally, so the
         # backward pass scales by the world size to make the reduction a sum.
         (loss * world_size()).backward()
@@ -130,23 +163,43 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def group_advantages(rewards: Sequence[float], n: int, eps: float = 1e-6) -> list[float]:
-    """GRPO: (reward - group mean) / (group std + eps) over each prompt's n rollouts (unbiased std,
-    as TRL computes it)."""
+def group_advantages(rewards: Sequence[float], n: int, std_normalize: bool = False,
+                     eps: float = 1e-6) -> list[float]:
+    """GRPO: reward - group mean over each prompt's n rollouts, divided by the group std + eps when
+    std_normalize (unbiased std, as TRL computes it; SDPO's GRPO baseline does not divide)."""
     out = []
     for g in range(0, len(rewards), n):
         r = torch.tensor(rewards[g:g + n], dtype=torch.float64)
-        std = r.std() if len(r) > 1 else torch.zeros((), dtype=torch.float64)
-        out.extend(((r - r.mean()) / (std + eps)).tolist())
+        centred = r - r.mean()
+        if std_normalize:
+            std = r.std() if len(r) > 1 else torch.zeros((), dtype=torch.float64)
+            centred = centred / (std + eps)
+        out.extend(centred.tolist())
+    return out
+
+
+def old_logprobs(student, rollouts: Sequence[Rollout], micro_batch: int, pad_id: int, device) -> list[torch.Tensor]:
+    """Each rollout's token log-probs under the current policy (no gradient): the PPO ratio's
+    denominator when one batch makes several updates."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rollouts), micro_batch):
+            chunk = rollouts[start:start + micro_batch]
+            ids, mask, index = pack([(r.prompt_ids, r.response_ids) for r in chunk], pad_id, device)
+            targets = torch.tensor([t for r in chunk for t in r.response_ids], dtype=torch.long, device=device)
+            logp = student(ids, mask, index, targets=targets, policy="logprobs")
+            out.extend(logp.split([len(r.response_ids) for r in chunk]))
     return out
 
 
 def grpo_backward(student, reference, rollouts: Sequence[Rollout], advantages: Sequence[float],
-                  micro_batch: int, pad_id: int, device, clip: float, kl: float,
-                  total_tokens: torch.Tensor) -> torch.Tensor:
-    """Accumulate the GRPO gradient: token-level clipped policy-gradient loss over all response
-    tokens, divided by all response tokens of the step (all ranks); log-probs come from the chunked
-    kernel, never from [tokens x vocab] logits. One update per batch, so old log-probs = current."""
+                  micro_batch: int, pad_id: int, device, kl: float, denominator: torch.Tensor,
+                  normalize: str = "sequence", clip_low: float = 0.2, clip_high: float = 0.28,
+                  clip_dual: float = 3.0, old: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Accumulate the GRPO gradient: verl's token-level clipped policy-gradient loss, weighted as
+    token_weights, divided by `denominator`; log-probs come from the chunked kernel, never from
+    [tokens x vocab] logits. old: the log-probs the batch was sampled with (None: this is the
+    batch's only update, so they equal the current ones)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for start in range(0, len(rollouts), micro_batch):
         chunk = rollouts[start:start + micro_batch]
@@ -154,13 +207,17 @@ def grpo_backward(student, reference, rollouts: Sequence[Rollout], advantages: S
         targets = torch.tensor([t for r in chunk for t in r.response_ids], dtype=torch.long, device=device)
         adv = torch.tensor([a for r, a in zip(chunk, advantages[start:start + micro_batch])
                             for _ in r.response_ids], dtype=torch.float32, device=device)
+        weights = torch.tensor(token_weights(chunk, normalize, teacher_only=False), device=device)
+        old_logp = None if old is None else torch.cat(list(old[start:start + micro_batch]))
         ref_logp = None
         if kl > 0:
             with torch.no_grad():
                 ref_logp = reference(ids, mask, index, targets=targets, policy="logprobs")
         loss = student(ids, mask, index, targets=targets,
-                       policy={"advantages": adv, "clip": clip, "ref_logp": ref_logp, "kl": kl})
-        loss = loss / total_tokens
+                       policy={"advantages": adv, "old_logp": old_logp, "clip_low": clip_low,
+                               "clip_high": clip_high, "clip_dual": clip_dual, "ref_logp": ref_logp, "kl": kl,
+                               "weights": weights})
+        loss = loss / denominator
         (loss * world_size()).backward()
         total += loss.detach()
     return total

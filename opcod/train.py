@@ -11,6 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,13 +26,13 @@ from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
 from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
 from .grading import reward
-from .models import (Student, check_model_dir, compute_dtype, ema_update, frozen_copy, init_optimizer_state,
-                     load_causal_lm, load_tokenizer, make_optimizer, move_optimizer_state, relocate, shard,
-                     storage_device)
+from .models import (Student, apply_update, check_model_dir, compute_dtype, ema_update, frozen_student,
+                     init_optimizer_state, load_causal_lm, load_tokenizer, make_optimizer, move_optimizer_state,
+                     relocate, shard, storage_device)
 from .plan import Shape
 from .rundir import RunLock, check_config
-from .step import (distill_backward, grpo_backward, group_advantages, make_rollouts, prompt_ids,
-                   request_feedback, self_anchors, teacher_contexts)
+from .step import (distill_backward, grpo_backward, group_advantages, loss_denominator, make_rollouts,
+                   old_logprobs, prompt_ids, request_feedback, self_anchors, teacher_contexts)
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -106,7 +107,8 @@ class CoDistillation:
             # AdamW's own zero state, made where it waits, so no checkpoint has to invent it.
             init_optimizer_state(self.optims[s.name][0], self.host)
             if cfg.loss.teacher_weights != "current" or (cfg.method == "grpo" and cfg.loss.grpo_kl > 0):
-                self.teachers[s.name] = frozen_copy(student)  # EMA / initial teacher, or GRPO's KL reference
+                # EMA / initial teacher, or GRPO's KL reference: the starting weights, frozen.
+                self.teachers[s.name] = frozen_student(s.path, self.device, cfg.model.trust_remote_code)
 
         # -- colocated engines: one for rollouts, one for the tutor (or one shared)
         separate = cfg.method == "opcod" and cfg.engine.tutor == "separate"
@@ -226,53 +228,42 @@ class CoDistillation:
                 self.ensure("rollout", tutee)  # a shared engine switches back before the next use
         t_fb = time.perf_counter()
 
-        # 3. self-teacher contexts and the distillation loss (GRPO: group-relative policy gradient)
+        # 3. the update: self-distillation towards the teacher contexts (GRPO: group-relative PG)
         self.engines.sleep_for_update()
-        tokens = torch.tensor(float(sum(len(r.response_ids) for r in rollouts)), device=self.device)
-        dist.all_reduce(tokens)
         if cfg.method == "grpo":
-            advantages = group_advantages([r.reward for r in rollouts], n)
-            loss = grpo_backward(student, self.teachers.get(tutee), rollouts, advantages,
-                                 cfg.model.micro_batch_size, self.tokenizer.pad_token_id, self.device,
-                                 cfg.loss.grpo_clip, cfg.loss.grpo_kl, tokens.clamp_min(1))
+            loss, updates = self.grpo_update(student, tutee, rollouts, opt)
         else:
-            teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
-            loss = distill_backward(student, self.teachers.get(tutee, student), rollouts,
-                                    cfg.model.micro_batch_size, self.tokenizer.pad_token_id, self.device,
-                                    cfg.loss.beta, tokens.clamp_min(1))
-        dist.all_reduce(loss)
-        finite = bool(torch.isfinite(loss))
-        grad_norm = float("nan")
-        if finite:
-            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip, foreach=True)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            opt.step()
-            sched.step()
+            loss, updates = self.distill_update(student, tutee, rollouts, opt)
+        sched.step()  # once per step, skipped or not, as in SDPO
+        stepped = any(ok for ok, _ in updates)
+        grad_norm = updates[-1][1] if updates else float("nan")
+        if stepped:
             if cfg.loss.teacher_weights == "ema" and cfg.method != "grpo":
                 ema_update(self.teachers[tutee], student, cfg.loss.ema_rate)
             p.versions[tutee] += 1
             p.nonfinite = 0
         else:
             p.nonfinite += 1
-        opt.zero_grad(set_to_none=True)
         t_bwd = time.perf_counter()
 
         # 4. push the new weights to the rollout engine
-        stats = self.ensure("rollout", tutee) if finite else None
+        stats = self.ensure("rollout", tutee) if stepped else None
         t_sync = time.perf_counter()
 
-        rewards, with_teacher, count, distinct = all_sum([sum(r.reward for r in rollouts),
-                                                          sum(r.has_teacher for r in rollouts), len(rollouts),
-                                                          distinct], self.device)
+        rewards, with_teacher, count, distinct, leaks = all_sum(
+            [sum(r.reward for r in rollouts), sum(r.has_teacher for r in rollouts), len(rollouts), distinct,
+             sum(r.leak for r in rollouts)], self.device)
         outcomes = outcomes.all_reduce()
         for k, v in outcomes.as_dict().items():
             p.outcomes[k] += v
         cuda = self.device.type == "cuda"
         return {"kind": "step", "round": p.round, "phase": p.phase, "tutee": tutee, "tutor": tutor,
                 "step": p.global_step + 1, "step_in_phase": p.step + 1, "loss": float(loss),
-                "skipped": not finite, "reward_mean": rewards / count, "teacher_fraction": with_teacher / count,
+                "skipped": not stepped, "reward_mean": rewards / count, "teacher_fraction": with_teacher / count,
                 "distinct_rollout_fraction": distinct / count,
                 "feedback": outcomes.as_dict(), "gate_open": gate_open, "grad_norm": grad_norm,
+                # Kept feedback that still names the gold letter (an ordinary mention, or a leak).
+                "feedback_leak_rate": leaks / outcomes.as_dict()["kept"] if outcomes.as_dict()["kept"] else None,
                 "lr": sched.get_last_lr()[0],
                 # The trainer's own peaks since the run started (engines are other processes).
                 "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -280,6 +271,51 @@ class CoDistillation:
                 "sync_gb_s": stats.gb_per_s if stats else None, "sync_bytes": stats.bytes if stats else 0,
                 "times": {"generate": t_gen - t0, "feedback": t_fb - t_gen, "fwd_bwd": t_bwd - t_fb,
                           "sync": t_sync - t_bwd, "step": t_sync - t0}}
+
+    def distill_update(self, student, tutee: str, rollouts, opt) -> tuple[float, list]:
+        """One optimizer step on the self-distillation loss; a non-finite loss or gradient norm
+        skips it. Returns (loss, [(stepped, grad norm)])."""
+        cfg = self.cfg
+        teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+        teacher = self.teachers.get(tutee, student)
+        # An EMA or initial teacher scores with its own lm_head, gathered once per step.
+        head = None if teacher is student else teacher.output_weight(self.dtype)
+        loss = distill_backward(student, teacher, rollouts, cfg.model.micro_batch_size, self.tokenizer.pad_token_id,
+                                self.device, cfg.loss.beta, loss_denominator(rollouts, cfg.loss.normalize, self.device),
+                                cfg.loss.normalize, head, cfg.loss.topk, cfg.loss.topk_tail)
+        dist.all_reduce(loss)
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            return float(loss), [(False, float("nan"))]
+        return float(loss), [apply_update(student, opt, cfg.optim.grad_clip)]
+
+    def grpo_update(self, student, tutee: str, rollouts, opt) -> tuple[float, list]:
+        """GRPO as SDPO's baseline runs it: advantages centred per prompt (divided by the std only if
+        asked), the batch split by prompts into loss.grpo_mini_batches optimizer updates against the
+        log-probs it was sampled with, verl's clipped PPO loss. Returns (mean loss, updates)."""
+        cfg, n = self.cfg, self.cfg.rollouts_per_prompt
+        advantages = group_advantages([r.reward for r in rollouts], n, cfg.loss.grpo_std_normalize)
+        groups = len(rollouts) // n
+        parts = [(g[0] * n, (g[-1] + 1) * n) for g in np.array_split(range(groups), cfg.loss.grpo_mini_batches)
+                 if len(g)]
+        old = None if len(parts) == 1 else old_logprobs(student, rollouts, cfg.model.micro_batch_size,
+                                                         self.tokenizer.pad_token_id, self.device)
+        losses, updates = [], []
+        for a, b in parts:
+            part = rollouts[a:b]
+            loss = grpo_backward(student, self.teachers.get(tutee), part, advantages[a:b], cfg.model.micro_batch_size,
+                                 self.tokenizer.pad_token_id, self.device, cfg.loss.grpo_kl,
+                                 loss_denominator(part, cfg.loss.normalize, self.device), cfg.loss.normalize,
+                                 cfg.loss.grpo_clip_low, cfg.loss.grpo_clip_high, cfg.loss.grpo_clip_dual,
+                                 None if old is None else old[a:b])
+            dist.all_reduce(loss)
+            losses.append(float(loss))
+            if torch.isfinite(loss):
+                updates.append(apply_update(student, opt, cfg.optim.grad_clip))
+            else:
+                opt.zero_grad(set_to_none=True)
+                updates.append((False, float("nan")))
+        return sum(losses) / len(losses), updates
 
     # ------------------------------------------------------------------------- persistence
 

@@ -94,9 +94,14 @@ def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
 
 # ----------------------------------------------------------------------------- the step
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_fsdp_distillation_gradients_match_float64_reference(checkpointing):
-    res = torchrun(HERE / "dist" / "check_distill_fsdp.py", *(["--ac"] if checkpointing else []))
+@pytest.mark.parametrize("args", [["--normalize", "token"], ["--normalize", "sequence"],
+                                  ["--ac", "--normalize", "sequence"], ["--own-head", "--normalize", "sequence"]],
+                         ids=["token", "sequence", "checkpointing", "teacher-head"])
+def test_fsdp_distillation_gradients_match_float64_reference(args):
+    """Over 2 ranks and micro-batches with sequences of different lengths: the token mean or each
+    sequence's token mean averaged over all sequences; checkpointing really recomputing layers;
+    an EMA-like teacher scoring with its own lm_head."""
+    res = torchrun(HERE / "dist" / "check_distill_fsdp.py", *args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "worst grad rel err" in res.stdout
 
@@ -300,3 +305,15 @@ def test_two_process_grpo_run(tiny_students):
     assert set(summary["students"]) == {"A", "B"} and summary["feedback_outcomes"]["kept"] == 0
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     assert all(s["teacher_fraction"] == 0 and not s["gate_open"] for s in steps if s["kind"] == "step")
+
+
+def test_two_process_sdpo_run_with_ema_teacher_and_topk(tiny_students):
+    """SDPO's recipe pieces in one short run: an EMA teacher (a sharded copy: deepcopy of an FSDP2
+    module is refused) with its own head, top-k distillation with a tail, sequence normalisation."""
+    _, cfg_path = tiny_students
+    res = torchrun("-m", "opcod.train", "--config", cfg_path, "method=sdpo", "run_name=sdpo_ema",
+                   "loss.teacher_weights=ema", "loss.topk=20", "loss.normalize=sequence")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run_dir = Path(yaml.safe_load(cfg_path.read_text())["output_dir"]) / "sdpo_ema"
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    assert steps and all(not s["gate_open"] for s in steps)
