@@ -43,7 +43,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "trackers": ["tensorboard", "wandb", "trackio"],
+        # the tests read back what each tracker wrote
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "tensorboard", "wandb", "trackio"],
         "gpu": ["vllm", "flash-attn"],
     },
 )

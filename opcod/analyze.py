@@ -8,87 +8,114 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import effects
+from . import metrics as metrics_names
 from .feedback import OUTCOMES
 from .pareto import dominates
 
-# Difficulty buckets by the number of wrong pre-feedback rollouts out of 8 (paper App. E).
-BUCKETS = {"0-1": (0, 1), "0-4": (0, 4), "5-7": (5, 7), "7": (7, 7)}
-
-
 # ----------------------------------------------------------------------------- break-rate
 
-def break_rate(pre: Sequence[Sequence[float]], post: Sequence[Sequence[float]]) -> dict[str, dict]:
-    """#(correct -> wrong) / #correct over rollouts, overall and per difficulty bucket.
+def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: int, seed: int,
+                 scores: dict | None = None) -> dict:
+    """App. E on one (tutee, tutor) pair: n rollouts per problem from the tutee, the tutor's feedback on
+    every rollout (anchored and sanitized as in training), and the tutee re-answering each rollout
+    in every arm of effects.ARMS; the tutor's cognizance among the two on the validation split
+    (`scores`: validation scores by model directory, filled as they are measured)."""
+    from . import prompts
+    from .distributed import seed_for
+    from .engine_hf import Sampling
+    from .evaluate import evaluate_model
+    from .gating import best_domains, cognizance_gaps
+    from .grading import reward
+    from .step import make_rollouts, prompt_ids, request_feedback, self_anchors
+    roll = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+    ids = [prompt_ids(tok, p) for p in problems]
+    outs = engines[tutee].generate([i for i in ids for _ in range(n)], roll, seed_for(seed, 0))
+    rollouts = make_rollouts(problems, ids, outs, n, tok)
+    for g in range(len(problems)):
+        self_anchors(rollouts[g * n:(g + 1) * n], allow_self=cfg.loss.allow_self_anchor)
+    fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
+    counts = request_feedback(rollouts, lambda r: True,
+                              lambda ps: engines[tutor].generate(ps, fb, seed_for(seed, 1)), tok)
+    contexts = {"feedback": lambda r: (r.solution, r.feedback), "solution": lambda r: (r.solution, None),
+                "nothing": lambda r: (None, None)}
+    post = {}
+    for arm, context in contexts.items():
+        again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
+            r.problem.prompt, *context(r), tok, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens))),
+            add_special_tokens=False) for r in rollouts]
+        # One seed for every arm: each rollout's re-answers share their random stream, so the arms
+        # differ by their context, not by luck.
+        outs = engines[tutee].generate(again, roll, seed_for(seed, 2))
+        post[arm] = [reward(tok.decode(o, skip_special_tokens=True), r.problem.answer)
+                     for o, r in zip(outs, rollouts)]
+    ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
+    scores = {} if scores is None else scores
+    for path in (tutee, tutor):
+        if path not in scores:
+            scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed)
+    pair = {"tutee": scores[tutee], "tutor": scores[tutor]}
+    gap = cognizance_gaps(pair)["tutor"]
+    return {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,
+                                      "stronger_domains": sorted(best_domains(pair, "tutor")),
+                                      "validation": pair["tutor"]},
+            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
+            "records": effects.records_of(rollouts, post, n)}
 
-    pre[i][j], post[i][j]: reward of rollout j of problem i before and after feedback."""
-    def rate(items):
-        correct = [(a, b) for a, b in items if a > 0]
-        broken = sum(1 for a, b in correct if b <= 0)
-        return {"correct": len(correct), "broken": broken,
-                "break_rate": broken / len(correct) if correct else None}
-    pairs = [(list(zip(a, b)), sum(1 for x in a if x <= 0)) for a, b in zip(pre, post)]
-    out = {"overall": rate([p for ps, _ in pairs for p in ps])}
-    for name, (lo, hi) in BUCKETS.items():
-        out[name] = rate([p for ps, wrong in pairs if lo <= wrong <= hi for p in ps])
-    return out
+
+def _pairs(args) -> list[tuple[str, str]]:
+    if args.pairs:
+        out = []
+        for item in args.pairs:
+            if item.count(":") != 1:
+                raise ValueError(f"--pairs takes TUTEE:TUTOR model directories, got {item!r}")
+            out.append(tuple(item.split(":")))
+        return out
+    if not (args.tutee and args.tutor):
+        raise ValueError("give --tutee and --tutor, or --pairs TUTEE:TUTOR ...")
+    return [(args.tutee, args.tutor)]
 
 
 def _break_rate_cli(args) -> int:
-    from . import prompts
     from .config import load_config
-    from .distributed import device_of_rank, seed_for
-    from .engine_hf import Sampling
-    from .engines import make_engine
-    from .gating import cognizance_gaps
-    from .grading import reward
-    from .models import check_model_dir, compute_dtype, load_tokenizer
-    from .step import make_rollouts, prompt_ids, request_feedback, self_anchors
+    from .distributed import device_of_rank
     from .domains import load_domains
-    from .evaluate import evaluate_model
-    for key in ("tutee", "tutor"):
-        check_model_dir(getattr(args, key), key)
+    from .engines import make_engine
+    from .models import check_model_dir, compute_dtype, load_tokenizer
+    pairs = _pairs(args)
+    paths = sorted({p for pair in pairs for p in pair})
+    for path in paths:
+        check_model_dir(path, "--pairs" if args.pairs else ("--tutee" if path == args.tutee else "--tutor"))
+    if args.n < 2:
+        raise ValueError(f"--n must be >= 2 (difficulty buckets need several rollouts), got {args.n}")
     cfg = load_config(args.config, ["demo=true"] + ([f"engine.kind={args.engine}"] if args.engine else []))
     _, val, _ = load_domains(cfg)
     problems = [p for d in sorted(val) for p in val[d][:args.limit]]
-    tok = load_tokenizer(args.tutee, "tutee")
+    tok = load_tokenizer(paths[0], paths[0])
     device = device_of_rank()
     dtype = compute_dtype(cfg.model.dtype, device)
-    tutee, tutor = (make_engine(cfg.engine, m, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed, tokenizer=tok,
-                                device=device, engines_per_rank=2) for m in (args.tutee, args.tutor))
+    engines = {}
     try:
-        n = args.n
-        roll = Sampling(1.0, 1.0, cfg.rollout.max_new_tokens)
-        ids = [prompt_ids(tok, p) for p in problems]
-        outs = tutee.generate([i for i in ids for _ in range(n)], roll, seed_for(args.seed, 0))
-        rollouts = make_rollouts(problems, ids, outs, n, tok)
-        for g in range(len(problems)):
-            self_anchors(rollouts[g * n:(g + 1) * n], allow_self=False)
-        fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
-        counts = request_feedback(rollouts, lambda r: True,
-                                  lambda ps: tutor.generate(ps, fb, seed_for(args.seed, 1)), tok)
-        again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
-            r.problem.prompt, r.solution, r.feedback, tok))), add_special_tokens=False) for r in rollouts]
-        post_out = tutee.generate(again, roll, seed_for(args.seed, 2))
-        post = [reward(tok.decode(o, skip_special_tokens=True), r.problem.answer) for o, r in zip(post_out, rollouts)]
-        pre = [r.reward for r in rollouts]
-        result = break_rate([pre[g * n:(g + 1) * n] for g in range(len(problems))],
-                            [post[g * n:(g + 1) * n] for g in range(len(problems))])
-        ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
-        scores = {"tutee": evaluate_model(tutee, tok, val, cfg.val_k, ev, args.seed),
-                  "tutor": evaluate_model(tutor, tok, val, cfg.val_k, ev, args.seed)}
-        gap = cognizance_gaps(scores)["tutor"]
-        result["tutor"] = {"gap": gap, "cognizant": gap <= cfg.tau, "validation": scores["tutor"]}
-        result["feedback_outcomes"] = counts.as_dict()
+        for path in paths:
+            engines[path] = make_engine(cfg.engine, path, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed,
+                                        tokenizer=tok, device=device, engines_per_rank=len(paths))
+        scores: dict = {}
+        measured = [measure_pair(cfg, engines, tok, a, b, problems, val, args.n, args.seed, scores) for a, b in pairs]
     finally:
-        tutee.close()
-        tutor.close()
-    print(f"tutor gap {gap:.3f} ({'cognizant' if gap <= cfg.tau else 'incognizant'} at tau {cfg.tau})")
-    print(f"{'bucket (wrong of n)':<20} {'correct':>8} {'broken':>7} {'break-rate':>10}")
-    for name in ["overall", *BUCKETS]:
-        r = result[name]
-        rate = "-" if r["break_rate"] is None else f"{100 * r['break_rate']:.1f}%"
-        print(f"{name:<20} {r['correct']:>8} {r['broken']:>7} {rate:>10}")
+        for e in engines.values():
+            e.close()
+    for m in measured:
+        t = m["tutor"]
+        print(f"tutee {m['tutee']}  tutor {t['path']}: gap {t['gap']:.3f} "
+              f"({'cognizant' if t['cognizant'] else 'incognizant'} at tau {cfg.tau}), "
+              f"feedback kept on {len(m['records'])} of {m['rollouts']} rollouts")
+    agg = effects.aggregate(measured, args.n)
+    print(effects.format_table2(agg, args.n))
+    print(effects.format_arms(agg))
     if args.out:
+        result = {"n": args.n, "tau": cfg.tau, "aggregate": agg,
+                  "pairs": [{**{k: v for k, v in m.items() if k != "records"},
+                             "effects": effects.effects(m["records"], args.n)} for m in measured]}
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -96,7 +123,10 @@ def _break_rate_cli(args) -> int:
 # ----------------------------------------------------------------------------- run
 
 def load_run(run_dir: Path) -> tuple[list[dict], dict]:
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    """metrics.jsonl in the current names (a run written with the old nested ones is upgraded) and
+    summary.json."""
+    metrics = [metrics_names.upgrade(json.loads(x)) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if x.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
     return metrics, summary
 
@@ -105,23 +135,25 @@ def run_report(run_dir: Path) -> dict:
     """Anchoring outcomes in the first and last round, FB-on / FB-off step times, gates, trajectories."""
     metrics, summary = load_run(run_dir)
     steps = [m for m in metrics if m["kind"] == "step"]
-    rounds = sorted({s["round"] for s in steps})
-    by_round = {r: {o: sum(s["feedback"][o] for s in steps if s["round"] == r) for o in OUTCOMES} for r in rounds}
-    on = [s for s in steps if sum(s["feedback"].values()) > 0]
-    off = [s for s in steps if sum(s["feedback"].values()) == 0]
+    counts = [metrics_names.feedback_counts(s) for s in steps]
+    rounds = sorted({s["opcod/round"] for s in steps})
+    by_round = {r: {o: sum(c[o] for s, c in zip(steps, counts) if s["opcod/round"] == r) for o in OUTCOMES}
+                for r in rounds}
+    on = [s for s, c in zip(steps, counts) if sum(c.values()) > 0]
+    off = [s for s, c in zip(steps, counts) if sum(c.values()) == 0]
 
     def mean(xs):
         return statistics.mean(xs) if xs else None
-    t_on, t_off = mean([s["times"]["step"] for s in on]), mean([s["times"]["step"] for s in off])
+    t_on, t_off = mean([s["timing_s/step"] for s in on]), mean([s["timing_s/step"] for s in off])
     # App. G: the part of an FB-on step that plain SDPO would spend too (all but the feedback).
-    share = mean([(s["times"]["step"] - s["times"]["feedback"]) / s["times"]["step"] for s in on])
+    share = mean([(s["timing_s/step"] - s["timing_s/feedback"]) / s["timing_s/step"] for s in on])
     validation = [m for m in metrics if m["kind"] == "validation"]
     return {"outcomes_first_round": by_round.get(rounds[0]) if rounds else None,
             "outcomes_last_round": by_round.get(rounds[-1]) if rounds else None,
             "step_time_fb_on": t_on, "step_time_fb_off": t_off, "steps_fb_on": len(on),
             "steps_fb_off": len(off), "sdpo_equivalent_share": share,
             "gates": [{"round": r["round"], "gaps": r["gaps"], "cognizant": r["cognizant"]} for r in summary["rounds"]],
-            "validation": [{"round": m["round"], "scores": m["scores"]} for m in validation]}
+            "validation": [{"round": m["opcod/round"], "scores": metrics_names.scores_of(m)} for m in validation]}
 
 
 def _plot_run(run_dir: Path, rep: dict, out_dir: Path) -> list[Path]:
@@ -254,8 +286,10 @@ def main(argv=None) -> int:
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out")
     b = sub.add_parser("break-rate", help="how often a tutor's feedback breaks correct rollouts")
-    b.add_argument("--tutee", required=True)
-    b.add_argument("--tutor", required=True)
+    b.add_argument("--tutee", help="the tutee's model directory (one pair)")
+    b.add_argument("--tutor", help="the tutor's model directory (one pair)")
+    b.add_argument("--pairs", nargs="+", metavar="TUTEE:TUTOR",
+                   help="several (tutee, tutor) pairs, aggregated by the tutor's cognizance (App. E)")
     b.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
     b.add_argument("--n", type=int, default=8)
     b.add_argument("--limit", type=int, default=50, help="validation problems per domain")

@@ -12,6 +12,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict)
 
+from .adapters import is_peft, merge_state_dict, save_adapter, scale_of
+
 LATEST = "latest"
 KEEP = 2
 
@@ -85,9 +87,10 @@ def load(path: Path, modules: dict, optimizers: dict, tensors: dict) -> dict:
     return json.loads((path / "train_state.json").read_text())
 
 
-def save_hf(out_dir: Path, config, state_dict: dict, tokenizer, generation_config=None) -> None:
+def save_hf(out_dir: Path, config, state_dict: dict, tokenizer, generation_config=None, extra=None) -> None:
     """A Hugging Face model directory (safetensors, config, tokenizer + chat template), written
-    under a temporary name first; a tied lm_head is stored once, as transformers expects."""
+    under a temporary name first; a tied lm_head is stored once, as transformers expects.
+    extra(tmp_dir) writes more into it before it takes its name."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -101,22 +104,27 @@ def save_hf(out_dir: Path, config, state_dict: dict, tokenizer, generation_confi
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
 
-def export_hf(student, tokenizer, out_dir: Path, transform=None) -> None:
-    """The student in Hugging Face format, gathered to rank 0 (`transform` may rewrite the state
-    dict there, e.g. to merge LoRA adapters)."""
+def export_hf(student, tokenizer, out_dir: Path) -> None:
+    """The student in Hugging Face format, gathered to rank 0. A LoRA student is written merged, and
+    its adapter beside it in PEFT's format (`out_dir/adapter`)."""
     sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank0():
         sd = {k.removeprefix("lm."): v for k, v in sd.items()}
-        if transform is not None:
-            sd = transform(sd)
+        extra = None
+        if is_peft(student.lm):
+            peft_sd = sd
+            extra = lambda tmp: save_adapter(student.lm, peft_sd, tmp / "adapter")  # noqa: E731
+            sd = merge_state_dict(sd, scale_of(student.lm))
         # Keep the dtype the model was released in (bf16 for Qwen3), not the fp32 master copy.
         dtype = getattr(student.lm.config, "dtype", None)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_hf(out_dir, student.lm.config, sd, tokenizer, getattr(student.lm, "generation_config", None))
+        save_hf(out_dir, student.lm.config, sd, tokenizer, getattr(student.lm, "generation_config", None), extra)
     _barrier()

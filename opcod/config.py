@@ -16,6 +16,7 @@ TUTOR_SNAPSHOTS = ("round_start", "latest")
 ENGINES = ("hf", "vllm")
 RESUME = ("auto", "force")
 NORMALIZE = ("sequence", "token")
+TRACKERS = ("jsonl", "tensorboard", "wandb", "trackio")
 TUTOR_ENGINES = ("separate", "shared")
 DATA_SOURCES = ("synthetic", "sciknoweval", "jsonl")
 
@@ -92,11 +93,26 @@ class EngineConfig:
 
 
 @dataclass
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])   # any of jsonl, tensorboard, wandb, trackio
+    project: str = "opcod"              # the W&B / Trackio project; the run is named after run_name
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0                       # 0: train every weight; > 0: LoRA adapters through PEFT
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"   # PEFT's: every linear layer but the lm_head
+
+
+@dataclass
 class ModelConfig:
     dtype: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     trust_remote_code: bool = False
     micro_batch_size: int = 8           # rollouts per forward/backward
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -126,6 +142,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -259,6 +276,18 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.loss.beta <= 1:
         raise ConfigError(f"config key 'loss.beta' must be in [0, 1], got {cfg.loss.beta}")
     _choice(cfg.loss.normalize, NORMALIZE, "loss.normalize")
+    lora = cfg.model.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"config key 'model.lora' needs rank >= 0, alpha > 0 and dropout in [0, 1), got {lora}")
+    if not (isinstance(lora.target_modules, str) or (isinstance(lora.target_modules, list) and lora.target_modules
+                                                     and all(isinstance(m, str) for m in lora.target_modules))):
+        raise ConfigError("config key 'model.lora.target_modules' must be a module name pattern or a list of "
+                          f"names, got {lora.target_modules!r}")
+    if isinstance(lora.target_modules, list) and {"lm_head", "embed_tokens"} & set(lora.target_modules):
+        raise ConfigError("config key 'model.lora.target_modules': lm_head and embed_tokens cannot be adapted (the "
+                          "loss kernel reads the lm_head as a plain weight); adapt the decoder's projections")
+    for i, name in enumerate(cfg.logging.report_to):
+        _choice(name, TRACKERS, f"logging.report_to.{i}")
     if cfg.loss.topk is not None and (not isinstance(cfg.loss.topk, int) or isinstance(cfg.loss.topk, bool)
                                       or cfg.loss.topk < 1):
         raise ConfigError(f"config key 'loss.topk' must be null or an int >= 1, got {cfg.loss.topk!r}")

@@ -9,6 +9,7 @@ from torch import nn
 
 from opcod_kernels import fused_linear_jsd, fused_linear_logprobs
 
+from .adapters import adapters_off, attach
 from .prompts import check_chat_template
 
 
@@ -125,26 +126,61 @@ def shard(student: Student, device: torch.device, activation_checkpointing: bool
     return student.train()
 
 
-def frozen_student(path: str, device: torch.device, trust_remote_code: bool = False) -> Student:
+def load_student(path: str, device: torch.device, lora=None, activation_checkpointing: bool = False,
+                 trust_remote_code: bool = False) -> Student:
+    """A student from a Hugging Face directory, with LoRA adapters through PEFT when lora.rank > 0,
+    sharded with FSDP2 and in training mode."""
+    lm = load_causal_lm(path, trust_remote_code)
+    if lora is not None and lora.rank:
+        lm = attach(lm, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    return shard(Student(lm), device, activation_checkpointing)
+
+
+def frozen_student(path: str, device: torch.device, trust_remote_code: bool = False, like: Student | None = None,
+                   lora=None) -> Student:
     """A sharded student loaded from `path` again, without gradients: the EMA or initial teacher
-    (the student's starting weights; FSDP2 refuses copy.deepcopy of a sharded module)."""
-    twin = shard(Student(load_causal_lm(path, trust_remote_code)), device)
+    (the student's starting weights; FSDP2 refuses copy.deepcopy of a sharded module). With LoRA
+    the twin carries adapters too, started equal to those of `like`."""
+    twin = load_student(path, device, lora, trust_remote_code=trust_remote_code)
+    if like is not None and lora is not None and lora.rank:
+        with torch.no_grad():
+            for pt, ps in zip(twin.parameters(), like.parameters()):
+                if ps.requires_grad:
+                    _local(pt).copy_(_local(ps))
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin.eval()
 
 
+class AdapterFree:
+    """The student with its LoRA adapters off: its initial weights without a copy of them (B starts
+    at zero), as TRL's trainers take the reference of a PEFT model. The teacher for
+    loss.teacher_weights=initial and GRPO's KL reference when model.lora.rank > 0."""
+
+    def __init__(self, student: Student):
+        self.student = student
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.student.lm):
+            return self.student(*args, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
 def ema_update(teacher: Student, student: Student, rate: float) -> None:
-    """teacher <- (1 - rate) teacher + rate student, shard by shard."""
-    from torch.distributed.tensor import DTensor
+    """teacher <- (1 - rate) teacher + rate student, shard by shard, over what the student trains
+    (everything, or its LoRA adapters: the frozen base is the same in both)."""
     for m in (teacher, student):  # the update is shard by shard: no module may hold gathered weights
         if hasattr(m, "reshard"):
             m.reshard()
     for pt, ps in zip(teacher.parameters(), student.parameters()):
-        lt = pt.to_local() if isinstance(pt, DTensor) else pt
-        ls = ps.to_local() if isinstance(ps, DTensor) else ps
-        lt.lerp_(ls.to(lt.dtype), rate)
+        if ps.requires_grad:
+            lt, ls = _local(pt), _local(ps)
+            lt.lerp_(ls.to(lt.dtype), rate)
 
 
 def apply_update(student: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> tuple[bool, float]:
@@ -160,7 +196,7 @@ def apply_update(student: nn.Module, opt: torch.optim.Optimizer, grad_clip: floa
 
 
 def make_optimizer(student: Student, lr: float, weight_decay: float, betas, warmup_steps: int):
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay,
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
                             betas=tuple(betas), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)

@@ -75,6 +75,16 @@ class Shape:
     def params(self) -> int:
         return self.layers * self.layer_params + self.root_params
 
+    def lora_params(self, rank: int, targets) -> int:
+        """LoRA parameters, rank x (in + out) per adapted projection of every layer; targets as PEFT's
+        target_modules ("all-linear": all seven projections, never the lm_head)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        sizes = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+                 "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
+        names = set(sizes) if targets == "all-linear" else set(targets if isinstance(targets, list) else [targets])
+        chosen = {k: v for k, v in sizes.items() if k in names}
+        return self.layers * rank * sum(chosen.values())
+
     def layer_activation_elems(self) -> int:
         """Elements per token that one decoder layer keeps for its backward (bf16, flash attention):
         norms, q/k/v and their norms, attention output, the MLP's gate, up, activation and product."""
@@ -155,7 +165,12 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
     opcod = cfg.method == "opcod"
     separate = opcod and cfg.engine.tutor == "separate"
     engines = 2 if separate else 1
+    lora = cfg.model.lora
+    # What the optimizer trains: every weight, or the LoRA adapters (their base frozen, no dW).
+    T = m.lora_params(lora.rank, lora.target_modules) if lora.rank else P
     teachers = S if (cfg.loss.teacher_weights != "current" or (cfg.method == "grpo" and cfg.loss.grpo_kl > 0)) else 0
+    if lora.rank and cfg.loss.teacher_weights != "ema":
+        teachers = 0   # the initial teacher / KL reference is the student with its adapters off
     B = cfg.model.micro_batch_size
     # Every sequence of the micro-batch as long as the config allows (pack() pads to the longest).
     response = cfg.rollout.max_new_tokens
@@ -172,13 +187,16 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
     def add(name, nbytes, key, phases=every):
         plan.parts.append(Part(name, nbytes / GIB, key, phases))
 
-    add(f"trainer weights: {S} students, fp32 shards", S * P * 4 / W, "--nproc_per_node")
+    add(f"trainer weights: {S} students, fp32 shards" + (" (+ LoRA)" if lora.rank else ""),
+        S * (P + (T if lora.rank else 0)) * 4 / W, "--nproc_per_node")
     if teachers:
-        add(f"teacher copies ({cfg.loss.teacher_weights}), fp32 shards", teachers * P * 4 / W, "loss.teacher_weights")
-    add("tutee's AdamW state, fp32 shards", 2 * P * 4 / W, "--nproc_per_node")
-    add("tutee's gradients, fp32 shards", P * 4 / W, "--nproc_per_node", update)
+        add(f"teacher copies ({cfg.loss.teacher_weights}), fp32 shards",
+            teachers * (P + (T if lora.rank else 0)) * 4 / W, "loss.teacher_weights")
+    add("tutee's AdamW state, fp32 shards", 2 * T * 4 / W, "--nproc_per_node")
+    add("tutee's gradients, fp32 shards", T * 4 / W, "--nproc_per_node", update)
     add("FSDP unsharded params (root + 2 layers)", (m.root_params + 2 * m.layer_params) * compute, "", update)
-    add("FSDP root reduce-scatter (grads + fp32 copy)", m.root_params * (compute + 4), "", ("student",))
+    if not lora.rank:  # a frozen root has no gradients to reduce
+        add("FSDP root reduce-scatter (grads + fp32 copy)", m.root_params * (compute + 4), "", ("student",))
     tokens = B * student_len
     per_layer = tokens * m.layer_activation_elems() * compute
     if cfg.model.activation_checkpointing:
@@ -194,8 +212,8 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
         B * teacher_len * m.layer_activation_elems() * compute, "model.micro_batch_size", ("teacher",))
     add("loss kernel: hidden rows (student, teacher, dH)", rows * H * compute * 3, "model.micro_batch_size",
         ("student",))
-    add("loss kernel: logits chunk, dW fp32 + its copy", KERNEL_BUDGET_BYTES + V * H * (4 + compute), "",
-        ("student",))
+    add("loss kernel: logits chunk" + ("" if lora.rank else ", dW fp32 + its copy"),
+        KERNEL_BUDGET_BYTES + (0 if lora.rank else V * H * (4 + compute)), "", ("student",))
     largest = max(V * H, m.intermediate * H)
     add("sync: one gathered tensor, fp32 + engine dtype", largest * (4 + engine_bytes), "", ("sync",))
     add("CUDA context (trainer)", CUDA_CONTEXT_GIB * GIB, "")
@@ -209,7 +227,7 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
         add("rollout engine's weights, waking for a push", P * engine_bytes + ENGINE_ASLEEP_GIB * GIB, "", ("sync",))
         if separate:
             add("tutor engine asleep (context)", ENGINE_ASLEEP_GIB * GIB, "", ("sync",))
-    host = (S - 1) * 2 * P * 4 / W + (S * P * engine_bytes / W if opcod and cfg.tutor_snapshot == "round_start" else 0)
+    host = (S - 1) * 2 * T * 4 / W + (S * P * engine_bytes / W if opcod and cfg.tutor_snapshot == "round_start" else 0)
     plan.host_gib = host / GIB
     return plan
 

@@ -12,10 +12,9 @@ import torch.distributed as dist
 
 from . import prompts
 from .checkpoint import export_hf
-from .config import ConfigError, SFTConfig, load_config, save_config
+from .config import ConfigError, LoRAConfig, SFTConfig, load_config, save_config
 from .data import DataError, read_jsonl
-from .lora import apply_lora, merge_state_dict
-from .models import Student, check_model_dir, load_causal_lm, load_tokenizer, shard
+from .models import check_model_dir, load_student, load_tokenizer
 from .step import pack
 
 
@@ -60,12 +59,7 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {world} processes")
 
     torch.manual_seed(cfg.seed)
-    lm = load_causal_lm(cfg.model)
-    if cfg.lora_rank:
-        for p in lm.parameters():
-            p.requires_grad_(False)
-        apply_lora(lm.get_decoder().layers, cfg.lora_rank, cfg.lora_alpha)
-    student = shard(Student(lm), device)
+    student = load_student(cfg.model, device, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -96,8 +90,7 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
             step += 1
         if rank == 0:
             log(f"sft epoch {epoch + 1}/{cfg.epochs}: mean token loss {running / per_epoch:.4f}")
-    transform = (lambda sd: merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank)) if cfg.lora_rank else None
-    export_hf(student, tokenizer, Path(cfg.output), transform)
+    export_hf(student, tokenizer, Path(cfg.output))  # a LoRA student merged, its adapter in output/adapter
     return Path(cfg.output)
 
 

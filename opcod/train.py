@@ -8,7 +8,7 @@ import random
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,16 @@ from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
 from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
 from .grading import reward
-from .models import (Student, apply_update, check_model_dir, compute_dtype, ema_update, frozen_student,
-                     init_optimizer_state, load_causal_lm, load_tokenizer, make_optimizer, move_optimizer_state,
-                     relocate, shard, storage_device)
+from .adapters import is_peft, merged, scale_of
+from .metrics import score_record
+from .models import (AdapterFree, Student, apply_update, check_model_dir, compute_dtype, ema_update,
+                     frozen_student, init_optimizer_state, load_student, load_tokenizer, make_optimizer,
+                     move_optimizer_state, relocate, storage_device)
 from .plan import Shape
 from .rundir import RunLock, check_config
 from .step import (distill_backward, grpo_backward, group_advantages, loss_denominator, make_rollouts,
                    old_logprobs, prompt_ids, request_feedback, self_anchors, teacher_contexts)
+from .trackers import Trackers, check_installed
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -77,6 +80,8 @@ class CoDistillation:
         for i, s in enumerate(cfg.students[1:], 1):
             if len(load_tokenizer(s.path, f"students.{i}.path", cfg.model.trust_remote_code)) != len(self.tokenizer):
                 raise ConfigError(f"students.{i}.path: its tokenizer differs from students.0's")
+        check_installed(cfg.logging.report_to)
+        self.trackers = None  # rank 0's, made when the run directory exists
         if cfg.prompts_per_step % self.world:
             raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible "
                               f"by the number of processes ({self.world})")
@@ -99,16 +104,21 @@ class CoDistillation:
         self.students, self.optims, self.teachers, self.snapshots = {}, {}, {}, {}
         for s in cfg.students:
             torch.manual_seed(cfg.seed)
-            student = shard(Student(load_causal_lm(s.path, cfg.model.trust_remote_code)), self.device,
-                            cfg.model.activation_checkpointing)
+            student = load_student(s.path, self.device, cfg.model.lora, cfg.model.activation_checkpointing,
+                                   cfg.model.trust_remote_code)
             self.students[s.name] = student
             self.optims[s.name] = make_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay,
                                                  cfg.optim.betas, cfg.optim.warmup_steps)
             # AdamW's own zero state, made where it waits, so no checkpoint has to invent it.
             init_optimizer_state(self.optims[s.name][0], self.host)
             if cfg.loss.teacher_weights != "current" or (cfg.method == "grpo" and cfg.loss.grpo_kl > 0):
-                # EMA / initial teacher, or GRPO's KL reference: the starting weights, frozen.
-                self.teachers[s.name] = frozen_student(s.path, self.device, cfg.model.trust_remote_code)
+                # EMA / initial teacher, or GRPO's KL reference: the starting weights, frozen. With LoRA
+                # the starting weights are the student with its adapters off: no copy.
+                if cfg.model.lora.rank and cfg.loss.teacher_weights != "ema":
+                    self.teachers[s.name] = AdapterFree(student)
+                else:
+                    self.teachers[s.name] = frozen_student(s.path, self.device, cfg.model.trust_remote_code,
+                                                           like=student, lora=cfg.model.lora)
 
         # -- colocated engines: one for rollouts, one for the tutor (or one shared)
         separate = cfg.method == "opcod" and cfg.engine.tutor == "separate"
@@ -125,6 +135,8 @@ class CoDistillation:
 
     def close(self) -> None:
         self.engines.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
     # ------------------------------------------------------------------------- engines
 
@@ -142,8 +154,10 @@ class CoDistillation:
             key = (name, self.progress.versions[name])
 
             def weights():
-                return iter_full_params(self.students[name], strip="lm.")
-        return self.engines.ensure(role, key, weights)
+                yield from iter_full_params(self.students[name], strip="lm.")
+        lm = self.students[name].lm
+        # A LoRA student reaches the engine merged (W + scale B A under the base names).
+        return self.engines.ensure(role, key, (lambda: merged(weights(), scale_of(lm))) if is_peft(lm) else weights)
 
     def sampling(self, which) -> Sampling:
         return Sampling(which.temperature, which.top_p, which.max_new_tokens)
@@ -173,7 +187,7 @@ class CoDistillation:
     def evaluate_all(self, split: str, tag: int) -> dict[str, dict[str, float]]:
         problems, k = (self.val, self.cfg.val_k) if split == "validation" else (self.test, self.cfg.eval_k)
         scores = {n: self.evaluate(n, problems, k, tag) for n in self.names}
-        self.log_metrics({"kind": split, "round": self.progress.round, "scores": scores})
+        self.log_metrics(score_record(split, self.progress.global_step, self.progress.round, scores, k))
         return scores
 
     # ------------------------------------------------------------------------- one step
@@ -250,27 +264,48 @@ class CoDistillation:
         stats = self.ensure("rollout", tutee) if stepped else None
         t_sync = time.perf_counter()
 
-        rewards, with_teacher, count, distinct, leaks = all_sum(
+        lengths = [len(r.response_ids) for r in rollouts]
+        groups = [rollouts[g * n:(g + 1) * n] for g in range(len(problems))]
+        (rewards, with_teacher, count, distinct, leaks, tokens, clipped, prompt_tokens, solved_groups, group_count,
+         with_feedback) = all_sum(
             [sum(r.reward for r in rollouts), sum(r.has_teacher for r in rollouts), len(rollouts), distinct,
-             sum(r.leak for r in rollouts)], self.device)
+             sum(r.leak for r in rollouts), sum(lengths), sum(x >= cfg.rollout.max_new_tokens for x in lengths),
+             sum(len(r.prompt_ids) for r in rollouts), sum(any(r.reward > 0 for r in g) for g in groups),
+             len(groups), sum(r.feedback is not None for r in rollouts)], self.device)
+        longest = torch.tensor(float(max(lengths, default=0)), device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         outcomes = outcomes.all_reduce()
-        for k, v in outcomes.as_dict().items():
+        counts = outcomes.as_dict()
+        for k, v in counts.items():
             p.outcomes[k] += v
+        asked = sum(counts.values())
         cuda = self.device.type == "cuda"
-        return {"kind": "step", "round": p.round, "phase": p.phase, "tutee": tutee, "tutor": tutor,
-                "step": p.global_step + 1, "step_in_phase": p.step + 1, "loss": float(loss),
-                "skipped": not stepped, "reward_mean": rewards / count, "teacher_fraction": with_teacher / count,
-                "distinct_rollout_fraction": distinct / count,
-                "feedback": outcomes.as_dict(), "gate_open": gate_open, "grad_norm": grad_norm,
-                # Kept feedback that still names the gold letter (an ordinary mention, or a leak).
-                "feedback_leak_rate": leaks / outcomes.as_dict()["kept"] if outcomes.as_dict()["kept"] else None,
-                "lr": sched.get_last_lr()[0],
+        # verl's and SDPO's names where they have one; OPCoD's own under opcod/ (opcod/metrics.py).
+        return {"kind": "step", "step": p.global_step + 1,
+                "opcod/round": p.round, "opcod/phase": p.phase, "opcod/step_in_phase": p.step + 1,
+                "opcod/tutee": tutee, "opcod/tutor": tutor,
+                "actor/pg_loss": float(loss), "actor/grad_norm": grad_norm, "actor/lr": sched.get_last_lr()[0],
+                "critic/rewards/mean": rewards / count,
+                "response_length/mean": tokens / count, "response_length/max": float(longest),
+                "response_length/clip_ratio": clipped / count,
+                "self_distillation/success_sample_fraction": rewards / count,
+                "self_distillation/success_group_fraction": solved_groups / group_count,
+                "self_distillation/feedback_used_fraction": with_feedback / count,
+                "self_distillation/reprompt_sample_fraction": with_teacher / count,
+                "timing_s/gen": t_gen - t0, "timing_s/feedback": t_fb - t_gen, "timing_s/update_actor": t_bwd - t_fb,
+                "timing_s/update_weights": t_sync - t_bwd, "timing_s/step": t_sync - t0,
+                "perf/throughput": (tokens + prompt_tokens) / (t_sync - t0) / self.world,  # tokens/s per rank
                 # The trainer's own peaks since the run started (engines are other processes).
-                "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-                "sync_gb_s": stats.gb_per_s if stats else None, "sync_bytes": stats.bytes if stats else 0,
-                "times": {"generate": t_gen - t0, "feedback": t_fb - t_gen, "fwd_bwd": t_bwd - t_fb,
-                          "sync": t_sync - t_bwd, "step": t_sync - t0}}
+                "perf/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "perf/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+                "opcod/skipped": not stepped, "opcod/optimizer_updates": sum(ok for ok, _ in updates),
+                "opcod/gate_open": gate_open,
+                **{f"opcod/feedback/{k}": v for k, v in counts.items()},
+                "opcod/feedback/kept_fraction": counts["kept"] / asked if asked else None,
+                # Kept feedback that still names the gold letter (an ordinary mention, or a leak).
+                "opcod/feedback_leak_rate": leaks / counts["kept"] if counts["kept"] else None,
+                "opcod/distinct_rollout_fraction": distinct / count,
+                "opcod/sync_gb_s": stats.gb_per_s if stats else None, "opcod/sync_bytes": stats.bytes if stats else 0}
 
     def distill_update(self, student, tutee: str, rollouts, opt) -> tuple[float, list]:
         """One optimizer step on the self-distillation loss; a non-finite loss or gradient norm
@@ -279,7 +314,7 @@ class CoDistillation:
         teacher_contexts(rollouts, self.tokenizer, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
         teacher = self.teachers.get(tutee, student)
         # An EMA or initial teacher scores with its own lm_head, gathered once per step.
-        head = None if teacher is student else teacher.output_weight(self.dtype)
+        head = None if teacher is student or isinstance(teacher, AdapterFree) else teacher.output_weight(self.dtype)
         loss = distill_backward(student, teacher, rollouts, cfg.model.micro_batch_size, self.tokenizer.pad_token_id,
                                 self.device, cfg.loss.beta, loss_denominator(rollouts, cfg.loss.normalize, self.device),
                                 cfg.loss.normalize, head, cfg.loss.topk, cfg.loss.topk_tail)
@@ -320,14 +355,18 @@ class CoDistillation:
     # ------------------------------------------------------------------------- persistence
 
     def log_metrics(self, record: dict) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if "jsonl" in self.cfg.logging.report_to:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self.progress.metrics_bytes = (self.run_dir / "metrics.jsonl").stat().st_size
+        if self.trackers is not None:
+            self.trackers.log(record, self.progress.global_step)
 
     def _persisted(self):
         modules = {f"student.{n}": m for n, m in self.students.items()}
-        modules.update({f"teacher.{n}": m for n, m in self.teachers.items()})
+        modules.update({f"teacher.{n}": m for n, m in self.teachers.items() if isinstance(m, Student)})
         optims = {n: (self.students[n], self.optims[n][0]) for n in self.names}
         tensors = {n: dict(snap) for n, snap in self.snapshots.items()}
         return modules, optims, tensors
@@ -409,13 +448,16 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
     cfg, p = run.cfg, run.progress
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        if set(cfg.logging.report_to) - {"jsonl"}:
+            run.trackers = Trackers(cfg.logging.report_to, run.run_dir, cfg.run_name, cfg.logging.project,
+                                    asdict(cfg))
     dist.barrier()
     if run.resume():
         p = run.progress
         if accepted:  # resume=force took changes of keys that are safe to change mid-run
             log("resume=force: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in accepted))
             run.log_metrics({"kind": "config_change", "step": p.global_step,
-                             "changes": [{"key": k, "was": a, "now": b} for k, a, b in accepted]})
+                             "opcod/config_changes": [{"key": k, "was": a, "now": b} for k, a, b in accepted]})
             if run.rank == 0:
                 save_config(cfg, run.run_dir / "config.yaml")
     else:
@@ -451,9 +493,10 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
                 run.log_metrics(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.2f}")
-                if record["skipped"]:
-                    log(f"step {p.global_step}: non-finite loss, step skipped")
+                    bar.set_postfix(loss=f"{record['actor/pg_loss']:.4f}",
+                                    reward=f"{record['critic/rewards/mean']:.2f}")
+                if record["opcod/skipped"]:
+                    log(f"step {p.global_step}: non-finite loss or gradient norm, step skipped")
                     if p.nonfinite >= cfg.loss.max_nonfinite_steps:
                         raise RuntimeError(f"{p.nonfinite} consecutive non-finite losses (last at step "
                                            f"{p.global_step}); stopping. The last checkpoint is kept in "

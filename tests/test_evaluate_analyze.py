@@ -1,10 +1,14 @@
-"""opcod.evaluate's avg@k on scripted answers, break-rate counting, and analyze on a real run."""
+"""opcod.evaluate's avg@k on scripted answers, break- and fix-rate counting, and analyze on real runs and models."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from opcod import synthetic
-from opcod.analyze import break_rate, compare_runs, main as analyze_main
+from opcod.analyze import compare_runs, main as analyze_main
+from opcod.effects import ARMS, Record, aggregate, buckets, effects, format_arms, format_table2
 from opcod.engine_hf import Sampling
 from opcod.evaluate import evaluate_model, format_scores
 
@@ -36,19 +40,83 @@ def test_evaluate_avg_at_k_on_scripted_answers(tokenizer):
     assert "50.0%" in format_scores({"m": scores})
 
 
-def test_break_rate_counting_by_hand():
-    pre = [[1, 1, 1, 1, 1, 1, 1, 1],   # 0 wrong: buckets 0-1 and 0-4
-           [1, 0, 0, 0, 0, 0, 0, 0],   # 7 wrong: buckets 5-7 and 7
-           [1, 1, 0, 0, 0, 0, 0, 1]]   # 5 wrong: bucket 5-7
-    post = [[1, 0, 1, 1, 1, 1, 1, 0],  # 2 of 8 correct broke
-            [0, 1, 1, 1, 1, 1, 1, 1],  # the only correct one broke
-            [1, 1, 0, 0, 0, 0, 0, 1]]  # none broke
-    r = break_rate(pre, post)
-    assert r["overall"] == {"correct": 12, "broken": 3, "break_rate": 0.25}
-    assert r["0-1"]["break_rate"] == 0.25 and r["0-4"]["break_rate"] == 0.25
-    assert r["7"] == {"correct": 1, "broken": 1, "break_rate": 1.0}
-    assert r["5-7"] == {"correct": 4, "broken": 1, "break_rate": 0.25}
-    assert break_rate([[0, 0]], [[1, 1]])["overall"]["break_rate"] is None
+def _records(pre, post, domain="physics"):
+    """Records of every rollout (all kept) from per-problem pre and per-arm post rewards."""
+    out = []
+    for i, rewards in enumerate(pre):
+        wrong = sum(1 for x in rewards if x <= 0)
+        for j, x in enumerate(rewards):
+            out.append(Record(domain, wrong, x, {a: post[a][i][j] for a in post}))
+    return out
+
+
+def test_break_and_fix_rates_by_hand():
+    pre = [[1, 1, 1, 1, 1, 1, 1, 1],   # 0 wrong: very easy (0-1) and easy (0-4)
+           [1, 0, 0, 0, 0, 0, 0, 0],   # 7 wrong: hard (5-7) and hardest (7)
+           [1, 1, 0, 0, 0, 0, 0, 1],   # 5 wrong: hard
+           [0, 0, 0, 0, 0, 0, 0, 0]]   # 8 wrong: no correct rollout; fixes count in hard and hardest
+    feedback = [[1, 0, 1, 1, 1, 1, 1, 0],  # 2 of 8 correct broke
+                [0, 1, 1, 1, 1, 1, 1, 1],  # the only correct one broke, all 7 wrong fixed
+                [1, 1, 0, 0, 0, 0, 0, 1],  # none broke, none fixed
+                [1, 0, 0, 0, 0, 0, 0, 0]]  # 1 of 8 fixed
+    nothing = [[1] * 8, [1] + [0] * 7, [1, 1, 0, 0, 0, 0, 0, 1], [0] * 8]  # no change at all
+    r = effects(_records(pre, {"feedback": feedback, "nothing": nothing}), 8, arms=("feedback", "nothing"))
+    assert set(r) == {"overall", "very easy (0-1)", "easy (0-4)", "hard (5-7)", "hardest (7)"}
+    assert r["overall"]["feedback"] == {"correct": 12, "broken": 3, "break_rate": 0.25,
+                                        "wrong": 20, "fixed": 8, "fix_rate": 0.4}
+    assert r["overall"]["nothing"]["break_rate"] == 0 and r["overall"]["nothing"]["fix_rate"] == 0
+    assert r["very easy (0-1)"]["feedback"]["break_rate"] == 0.25 == r["easy (0-4)"]["feedback"]["break_rate"]
+    assert r["hardest (7)"]["feedback"] == {"correct": 1, "broken": 1, "break_rate": 1.0,
+                                            "wrong": 15, "fixed": 8, "fix_rate": 8 / 15}
+    assert r["hard (5-7)"]["feedback"]["break_rate"] == 0.25 and r["hard (5-7)"]["feedback"]["wrong"] == 20
+    assert effects(_records([[0, 0]], {"feedback": [[1, 1]]}), 2, arms=("feedback",))["overall"]["feedback"][
+        "break_rate"] is None
+    assert list(buckets(16)) == ["very easy (0-2)", "easy (0-8)", "hard (9-15)", "hardest (15)"]
+
+
+def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
+    same = {a: [[1, 1, 0, 0]] for a in ARMS}
+    broke = {**same, "feedback": [[0, 1, 0, 0]]}
+    def pair(cognizant, stronger, recs):
+        return {"tutor": {"cognizant": cognizant, "stronger_domains": stronger}, "records": recs}
+    pairs = [pair(True, ["physics"], _records([[1, 1, 0, 0]], same, "physics")),
+             pair(True, ["physics"], _records([[1, 1, 0, 0]], broke, "chemistry")),
+             pair(False, ["chemistry"], _records([[1, 1, 0, 0]], broke, "chemistry"))]
+    agg = aggregate(pairs, 4)
+    assert agg["cognizant"]["pairs"] == 2 and agg["incognizant"]["pairs"] == 1
+    assert agg["cognizant"]["overall"]["feedback"]["break_rate"] == 1 / 4   # pooled: 1 of 4 correct broke
+    assert agg["cognizant"]["tutor's stronger domain"]["feedback"]["break_rate"] == 0   # physics only
+    assert agg["incognizant"]["tutor's stronger domain"]["feedback"]["break_rate"] == 1 / 2
+    table = format_table2(agg, 4)
+    assert "very easy (0-1)" in table and "25.0% (1/4)" in table and "50.0% (1/2)" in table
+    assert "solution" in format_arms(agg) and "fix-rate" in format_arms(agg)
+
+
+def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path):
+    """Both directions of the demo pair, n = 4 (not the paper's 8): the buckets follow n, every arm
+    re-answers the same kept rollouts, and the JSON holds what the table printed."""
+    from opcod.demo import VERSION
+    cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
+    chem, phys = cache / "chem_student", cache / "phys_student"
+    out = tmp_path / "br.json"
+    res = subprocess.run([sys.executable, "-m", "opcod.analyze", "break-rate", "--pairs", f"{chem}:{phys}",
+                          f"{phys}:{chem}", "--n", "4", "--limit", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, env=demo_env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "very easy (0-1)" in res.stdout and "easy (0-2)" in res.stdout and "tutor's stronger domain" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["n"] == 4 and len(result["pairs"]) == 2
+    for p in result["pairs"]:
+        assert p["rollouts"] == 4 * 3 * 2 and set(p["effects"]["overall"]) == set(ARMS)
+        kept = p["feedback_outcomes"]["kept"]
+        for arm in ARMS:
+            o = p["effects"]["overall"][arm]
+            assert o["correct"] + o["wrong"] == kept   # only kept feedback counts
+    agg = result["aggregate"]
+    assert agg["cognizant"]["pairs"] + agg["incognizant"]["pairs"] == 2
+    bad = subprocess.run([sys.executable, "-m", "opcod.analyze", "break-rate", "--pairs", str(chem)],
+                         capture_output=True, text=True, timeout=120, env=demo_env)
+    assert bad.returncode == 2 and "TUTEE:TUTOR" in bad.stderr
 
 
 def test_analyze_run_and_compare_on_a_real_run(demo_run, capsys):

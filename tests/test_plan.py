@@ -34,6 +34,11 @@ def test_parameter_count_matches_the_model():
         model = Qwen3ForCausalLM(cfg)
         shape = Shape(97, 32, 3, 48, 4, 2, 8, tie)
         assert shape.params == sum(p.numel() for p in model.parameters())
+    from opcod.adapters import attach
+    for targets in ("all-linear", ["q_proj", "v_proj"], ["down_proj"]):   # the adapters PEFT makes
+        lm = attach(Qwen3ForCausalLM(tiny_config(97, hidden=32, layers=3, heads=4, kv_heads=2, intermediate=48)),
+                    4, 8.0, 0.0, targets)
+        assert shape.lora_params(4, targets) == sum(p.numel() for p in lm.parameters() if p.requires_grad)
 
 
 def _plan_cli(*args):
@@ -80,3 +85,15 @@ def test_plan_parts_follow_the_config(qwen3_8b):
                                     [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}",
                                      "model.micro_batch_size=8"]), 2)
     assert doubled.phase_total("student") > plan.phase_total("student")
+
+
+def test_lora_counts_adapters_only_and_the_initial_teacher_costs_nothing(qwen3_8b):
+    args = [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}"]
+    full = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"), args), 2)
+    lora = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"), args + ["model.lora.rank=64"]), 2)
+    adam = {p.name: p.gib for p in lora.parts}["tutee's AdamW state, fp32 shards"]
+    assert adam == pytest.approx(2 * 174_587_904 * 4 / 2 / 2**30)   # Qwen3-8B, r = 64, all seven projections
+    assert lora.peak_gib < full.peak_gib - 20
+    initial = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"),
+                                    args + ["model.lora.rank=64", "loss.teacher_weights=initial"]), 2)
+    assert not any(p.name.startswith("teacher copies") for p in initial.parts)

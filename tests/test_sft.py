@@ -3,25 +3,30 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import torchrun
-from opcod.lora import LoRALinear, merge_state_dict
 
 
-def test_lora_merge_matches_the_adapted_layer_in_float64():
-    torch.manual_seed(0)
-    base = nn.Linear(12, 7, bias=True).double()
-    layer = LoRALinear(base, rank=3, alpha=6.0).double()
+def test_lora_merge_matches_peft_merge_and_unload_in_float64(tokenizer, tmp_path):
+    """opcod.adapters.merged (what engines and exports receive) against PEFT's own merge, on a tiny
+    Qwen3 with random adapters, in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from opcod.adapters import attach, merged, scale_of
+    from opcod.tiny import create_model_dir, tiny_config
+    path = create_model_dir(tmp_path / "m", tokenizer, tiny_config(len(tokenizer)), seed=0)
+    lm = attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64), 4, 8.0, 0.0, "all-linear")
     with torch.no_grad():
-        layer.lora_B.normal_()  # B starts at zero; make the adapter do something
-    x = torch.randn(5, 12, dtype=torch.float64)
-    sd = {f"m.{k}": v for k, v in layer.state_dict().items()}
-    merged = merge_state_dict(sd, layer.scale)
-    assert set(merged) == {"m.weight", "m.bias"}
-    plain = nn.Linear(12, 7).double()
-    plain.load_state_dict({"weight": merged["m.weight"], "bias": merged["m.bias"]})
-    torch.testing.assert_close(plain(x), layer(x), rtol=0, atol=1e-12)
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()   # B starts at zero; make every adapter do something
+    ours = dict(merged(((n, p.detach()) for n, p in lm.named_parameters()), scale_of(lm)))
+    theirs = dict(lm.merge_and_unload().named_parameters())
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k].detach(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="without their pair"):
+        list(merged([("base_model.model.a.base_layer.weight", torch.zeros(2, 2))], 1.0))
 
 
 def _response_logprob(path, records):
@@ -57,3 +62,10 @@ def test_sft_run_learns_its_responses_and_writes_a_loadable_model(tmp_path, toke
     same_embedding = torch.equal(init_model.get_input_embeddings().weight, tuned.get_input_embeddings().weight)
     assert same_embedding == bool(lora_rank)  # LoRA adapts the decoder's linear layers only
     assert (tmp_path / "out" / "sft_config.yaml").is_file()
+    if lora_rank:   # the adapter in PEFT's format, beside the merged model: base + adapter = merged
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").merge_and_unload()
+        for k, v in tuned.state_dict().items():
+            torch.testing.assert_close(adapted.state_dict()[k], v, rtol=0, atol=1e-6)

@@ -94,9 +94,8 @@ def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
 
 # ----------------------------------------------------------------------------- the step
 
-@pytest.mark.parametrize("args", [["--normalize", "token"], ["--normalize", "sequence"],
-                                  ["--ac", "--normalize", "sequence"], ["--own-head", "--normalize", "sequence"]],
-                         ids=["token", "sequence", "checkpointing", "teacher-head"])
+@pytest.mark.parametrize("args", [["--normalize", "token"], ["--ac", "--own-head", "--normalize", "sequence"]],
+                         ids=["token", "sequence-checkpointing-teacher-head"])
 def test_fsdp_distillation_gradients_match_float64_reference(args):
     """Over 2 ranks and micro-batches with sequences of different lengths: the token mean or each
     sequence's token mean averaged over all sequences; checkpointing really recomputing layers;
@@ -154,10 +153,19 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["kind"] == "step"]
     assert len(steps) == 2 * 2 * 2 and [s["step"] for s in steps] == list(range(1, 9))
-    for key in ("loss", "reward_mean", "teacher_fraction", "feedback", "gate_open", "times"):
-        assert key in steps[0]
-    assert set(steps[0]["times"]) == {"generate", "feedback", "fwd_bwd", "sync", "step"}
-    assert any(s["loss"] > 0 for s in steps) and any(s["teacher_fraction"] > 0 for s in steps)
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/lr", "critic/rewards/mean", "response_length/mean",
+                "response_length/max", "response_length/clip_ratio", "timing_s/gen", "timing_s/update_actor",
+                "timing_s/update_weights", "timing_s/step", "perf/throughput",
+                "self_distillation/success_sample_fraction", "self_distillation/feedback_used_fraction",
+                "self_distillation/reprompt_sample_fraction", "opcod/gate_open", "opcod/feedback/kept"):
+        assert key in steps[0], key
+    assert all(s["response_length/max"] <= 160 and s["response_length/mean"] <= s["response_length/max"]
+               for s in steps)
+    assert any(s["actor/pg_loss"] > 0 for s in steps)
+    assert any(s["self_distillation/reprompt_sample_fraction"] > 0 for s in steps)
+    scores = [x for x in lines if x["kind"] == "test"]
+    assert set(scores[0]) >= {f"val-core/{n}/{d}/acc/mean@2" for n in ("chem_student", "phys_student")
+                              for d in ("chemistry", "physics")}
     assert {x["kind"] for x in lines} == {"test", "validation", "step"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == {"students", "mutual_pareto_improvement", "rounds", "feedback_outcomes", "config"}
@@ -296,24 +304,115 @@ def test_a_finished_run_is_reused_only_under_the_same_config(demo_run, demo_env)
     assert res.returncode == 0 and "finished already" in res.stdout
 
 
-def test_two_process_grpo_run(tiny_students):
+def test_two_process_grpo_run_reported_to_tensorboard_and_wandb(tiny_students, tmp_path):
+    from test_trackers import tensorboard_scalars, wandb_history
     _, cfg_path = tiny_students
-    res = torchrun("-m", "opcod.train", "--config", cfg_path, "method=grpo", "run_name=grpo")
+    res = torchrun("-m", "opcod.train", "--config", cfg_path, "method=grpo", "run_name=grpo",
+                   "logging.report_to=[jsonl,tensorboard,wandb]", env={**ENV, "WANDB_MODE": "offline"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     run_dir = Path(yaml.safe_load(cfg_path.read_text())["output_dir"]) / "grpo"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["students"]) == {"A", "B"} and summary["feedback_outcomes"]["kept"] == 0
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
-    assert all(s["teacher_fraction"] == 0 and not s["gate_open"] for s in steps if s["kind"] == "step")
+    # both trackers hold the numbers metrics.jsonl holds, at the same steps
+    steps = [s for s in steps if s["kind"] == "step"]
+    tb = tensorboard_scalars(run_dir)
+    rows = [r for r in wandb_history(run_dir) if "timing_s/step" in r]
+    for key in ("timing_s/step", "actor/pg_loss", "response_length/mean"):
+        assert [x[0] for x in tb[key]] == [s["step"] for s in steps] == [r["_step"] for r in rows]
+        assert [x[1] for x in tb[key]] == pytest.approx([s[key] for s in steps], rel=1e-6)   # float32 there
+        assert [r[key] for r in rows] == [s[key] for s in steps]
+    assert all(s["self_distillation/reprompt_sample_fraction"] == 0 and not s["opcod/gate_open"]
+               for s in steps if s["kind"] == "step")
 
 
 def test_two_process_sdpo_run_with_ema_teacher_and_topk(tiny_students):
-    """SDPO's recipe pieces in one short run: an EMA teacher (a sharded copy: deepcopy of an FSDP2
-    module is refused) with its own head, top-k distillation with a tail, sequence normalisation."""
+    """SDPO's recipe pieces in one short run, on LoRA students: an EMA teacher (a sharded copy with
+    adapters of its own: deepcopy of an FSDP2 module is refused) with its own head, top-k
+    distillation with a tail, sequence normalisation."""
     _, cfg_path = tiny_students
     res = torchrun("-m", "opcod.train", "--config", cfg_path, "method=sdpo", "run_name=sdpo_ema",
-                   "loss.teacher_weights=ema", "loss.topk=20", "loss.normalize=sequence")
+                   "loss.teacher_weights=ema", "loss.topk=20", "loss.normalize=sequence", "model.lora.rank=4")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     run_dir = Path(yaml.safe_load(cfg_path.read_text())["output_dir"]) / "sdpo_ema"
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
-    assert steps and all(not s["gate_open"] for s in steps)
+    assert steps and all(not s["opcod/gate_open"] for s in steps)
+
+
+@pytest.mark.parametrize("recipe", ["sdpo", "grpo", "opcod"])
+def test_sdpo_recipe_configs_run_on_the_demo_students(demo_run, demo_env, recipe, tmp_path):
+    """configs/sdpo_recipe/ as a user points it at other students (here the demo's, on the
+    synthetic data, short): SDPO's EMA teacher with top-100 + tail, its GRPO's mini-batch updates."""
+    from opcod.demo import VERSION
+    cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
+    res = torchrun("-m", "opcod.train", "--config", HERE.parent / "configs" / "sdpo_recipe" / f"{recipe}.yaml",
+                   f"students.0.path={cache / 'phys_student'}", f"students.1.path={cache / 'chem_student'}",
+                   "data.source=synthetic", "data.val_size=4", "data.synthetic_train=16",
+                   "data.synthetic_test=4", "rounds=1", "steps_per_phase=1", "prompts_per_step=4",
+                   "rollouts_per_prompt=2", "eval_k=1", "val_k=1", "save_every=0", "rollout.max_new_tokens=160",
+                   "evaluation.max_new_tokens=160", "feedback.max_new_tokens=64", "engine.kind=hf",
+                   "engine.max_model_len=0", f"output_dir={tmp_path}", env=demo_env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run_dir = tmp_path / f"sdpo_recipe_{recipe}"
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    assert len(steps) == 2 and json.loads((run_dir / "summary.json").read_text())["students"]
+    if recipe == "grpo":   # 2 prompts per rank in SDPO's 4 mini-batches: 2 updates per step
+        assert cfg["loss"]["grpo_mini_batches"] == 4 and all(s["opcod/optimizer_updates"] == 2 for s in steps)
+    else:
+        assert (cfg["loss"]["teacher_weights"], cfg["loss"]["topk"], cfg["loss"]["normalize"]) == \
+            ("ema", 100, "sequence")
+        assert all(s["opcod/optimizer_updates"] == 1 and s["actor/pg_loss"] > 0 for s in steps
+                   if s["self_distillation/reprompt_sample_fraction"] > 0)
+
+
+def test_two_launchers_on_one_machine_run_what_one_launcher_runs(tiny_students, tmp_path):
+    """torchrun --nnodes=2 (one launcher per "node", rendezvous on 127.0.0.1) gives the summary of the
+    one-node, two-process run: the multi-host path, short of a second host."""
+    import socket
+    _, cfg_path = tiny_students
+    args = ["-m", "opcod.train", "--config", str(cfg_path), "method=sdpo", f"output_dir={tmp_path}"]
+    one = torchrun(*args, "run_name=one")
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   *args, "run_name=two"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=ENV) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), outs[0][-2000:] + outs[1][-2000:]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[0] == summaries[1]
+
+
+def test_lora_run_on_the_demo_changes_only_adapters_and_exports_merged_and_peft(demo_run, demo_env, tmp_path):
+    """model.lora through PEFT on the demo students, the initial teacher being the student with its
+    adapters off: the merged export equals base + adapter as PEFT itself merges it, and every weight
+    outside the adapted projections is the initial student's, bit for bit."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from opcod.demo import VERSION
+    cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
+    res = torchrun("-m", "opcod.train", f"output_dir={tmp_path}", "run_name=lora", "rounds=1", "steps_per_phase=2",
+                   "prompts_per_step=4", "rollouts_per_prompt=4", "eval_k=1", "val_k=1", "model.lora.rank=8",
+                   "model.lora.alpha=16", "optim.lr=1e-3", "loss.teacher_weights=initial", env=demo_env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    steps = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "step"' in x]
+    assert any(s["opcod/optimizer_updates"] for s in steps)
+    for name in ("chem_student", "phys_student"):
+        out = tmp_path / "lora" / "students" / name
+        initial = load_file(cache / name / "model.safetensors")
+        final = load_file(out / "model.safetensors")
+        assert set(final) == set(initial)
+        changed = {k for k in final if not torch.equal(final[k], initial[k])}
+        assert changed and all(k.split(".")[-2].endswith("_proj") for k in changed), sorted(changed)[:5]
+        base = AutoModelForCausalLM.from_pretrained(cache / name, dtype=torch.float32)
+        peft_merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+        for k, v in exported.items():
+            torch.testing.assert_close(v, peft_merged[k], rtol=0, atol=1e-6)

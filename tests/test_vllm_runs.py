@@ -49,9 +49,9 @@ def test_two_process_opcod_run_on_vllm_engines(vllm_students):
     for name in ("A", "B"):
         assert (run / "students" / name / "model.safetensors").is_file()
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
-    assert len(steps) == 4 and all(s["sync_bytes"] > 0 for s in steps)
+    assert len(steps) == 4 and all(s["opcod/sync_bytes"] > 0 for s in steps)
     # Copies of a prompt sampled with one seed were identical; with a seed per request they differ.
-    assert min(s["distinct_rollout_fraction"] for s in steps) > 0.5
+    assert min(s["opcod/distinct_rollout_fraction"] for s in steps) > 0.5
     assert sum(summary["feedback_outcomes"].values()) > 0  # the tutor engine wrote feedback
 
 

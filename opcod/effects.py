@@ -1,0 +1,100 @@
+"""What tutor feedback does to the tutee's re-answers (paper App. E): break-rate and fix-rate against control arms."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+# What the self-teacher has in context when it re-answers: the tutor's kept feedback (with the
+# self-anchor when one exists, as in training), the self-anchor alone, or neither (the reprompt
+# template only). The two controls separate sampling noise and the template from the feedback.
+ARMS = ("feedback", "solution", "nothing")
+
+
+@dataclass
+class Record:
+    """One rollout whose feedback was kept."""
+    domain: str
+    wrong: int                      # wrong pre-feedback rollouts of its problem, out of n
+    pre: float                      # its reward
+    post: dict[str, float] = field(default_factory=dict)   # arm -> reward of the re-answer
+
+
+def buckets(n: int) -> dict[str, tuple[int, int]]:
+    """Difficulty by wrong pre-feedback rollouts out of n; for n = 8 the paper's very easy (0-1),
+    easy (0-4), hard (5-7) and hardest (7). The hard buckets reach n so that the fix-rate counts
+    problems no rollout solved (they hold no correct rollout, so the break-rate is unchanged)."""
+    a, h = max(1, n // 8), n // 2
+    return {f"very easy (0-{a})": (0, a), f"easy (0-{h})": (0, h),
+            f"hard ({h + 1}-{n - 1})": (h + 1, n), f"hardest ({n - 1})": (n - 1, n)}
+
+
+def rates(records: Iterable[Record], arm: str) -> dict:
+    """break-rate = #(C -> W) / #C and fix-rate = #(W -> C) / #W of the re-answers in `arm`."""
+    records = list(records)
+    correct = [r for r in records if r.pre > 0]
+    wrong = [r for r in records if r.pre <= 0]
+    broken = sum(1 for r in correct if r.post[arm] <= 0)
+    fixed = sum(1 for r in wrong if r.post[arm] > 0)
+    return {"correct": len(correct), "broken": broken, "break_rate": broken / len(correct) if correct else None,
+            "wrong": len(wrong), "fixed": fixed, "fix_rate": fixed / len(wrong) if wrong else None}
+
+
+def effects(records: Sequence[Record], n: int, arms: Sequence[str] = ARMS) -> dict[str, dict[str, dict]]:
+    """{"overall" | bucket: {arm: rates}} over the kept-feedback rollouts."""
+    groups = {"overall": list(records)}
+    for name, (lo, hi) in buckets(n).items():
+        groups[name] = [r for r in records if lo <= r.wrong <= hi]
+    return {name: {arm: rates(rs, arm) for arm in arms} for name, rs in groups.items()}
+
+
+def records_of(rollouts, post: dict[str, Sequence[float]], n: int) -> list[Record]:
+    """Records of the rollouts (n per problem, in order) whose feedback was kept; post[arm][i] is
+    rollout i's re-answer reward in that arm."""
+    out = []
+    for g in range(0, len(rollouts), n):
+        group = rollouts[g:g + n]
+        wrong = sum(1 for r in group if r.reward <= 0)
+        for i, r in enumerate(group, start=g):
+            if r.outcome == "kept":
+                out.append(Record(r.problem.domain, wrong, r.reward, {a: post[a][i] for a in post}))
+    return out
+
+
+def aggregate(pairs: Sequence[dict], n: int) -> dict:
+    """Pool the pairs' records by the tutor's cognizance (the paper's aggregate over domain pairs),
+    overall, per difficulty bucket and on problems of the tutor's stronger domain."""
+    out = {}
+    for cls in ("cognizant", "incognizant"):
+        chosen = [p for p in pairs if p["tutor"]["cognizant"] == (cls == "cognizant")]
+        recs = [r for p in chosen for r in p["records"]]
+        stronger = [r for p in chosen for r in p["records"] if r.domain in p["tutor"]["stronger_domains"]]
+        out[cls] = {"pairs": len(chosen), **effects(recs, n),
+                    "tutor's stronger domain": {a: rates(stronger, a) for a in ARMS}}
+    return out
+
+
+def _pct(r: dict, key: str, num: str, den: str) -> str:
+    return "-" if r[key] is None else f"{100 * r[key]:5.1f}% ({r[num]}/{r[den]})"
+
+
+def format_table2(agg: dict, n: int) -> str:
+    """The paper's Table 2 layout: break-rate by difficulty, cognizant vs incognizant tutors, then the
+    aggregate and the tutor's-stronger-domain split (feedback arm)."""
+    rows = [*buckets(n), "overall", "tutor's stronger domain"]
+    lines = [f"{'break-rate (feedback kept)':<28} {'cognizant':>22} {'incognizant':>22}"]
+    for row in rows:
+        cells = [_pct(agg[c][row]["feedback"], "break_rate", "broken", "correct") for c in ("cognizant", "incognizant")]
+        lines.append(f"{row:<28} {cells[0]:>22} {cells[1]:>22}")
+    return "\n".join(lines)
+
+
+def format_arms(agg: dict) -> str:
+    """Break- and fix-rate per arm: the feedback's effect beside re-answering with the solution only
+    and with nothing."""
+    lines = [f"{'tutor':<12} {'re-answer with':<16} {'break-rate':>20} {'fix-rate':>20}"]
+    for cls in ("cognizant", "incognizant"):
+        for arm in ARMS:
+            r = agg[cls]["overall"][arm]
+            lines.append(f"{cls:<12} {arm:<16} {_pct(r, 'break_rate', 'broken', 'correct'):>20} "
+                         f"{_pct(r, 'fix_rate', 'fixed', 'wrong'):>20}")
+    return "\n".join(lines)
