@@ -15,6 +15,7 @@ V = int(os.environ.get("OPCOD_BENCH_V", 151936))
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 DEVICE = "cuda" if CUDA else "cpu"
 SIZES = [int(n) for n in os.environ.get("OPCOD_BENCH_N", "2048,8192,16384" if CUDA else "1024").split(",")]
+TOPK = 100  # SDPO's distillation_topk
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -46,6 +47,12 @@ def fused(hs, ht, W):
     K.fused_linear_jsd(a, ht, Wa, beta=0.5).backward()
 
 
+def fused_top100(hs, ht, W):
+    """SDPO's top-100 + tail objective in the same chunked op."""
+    a, Wa = _leaves(hs, W)
+    K.fused_linear_jsd(a, ht, Wa, beta=0.5, topk=TOPK, tail=True).backward()
+
+
 def gemm_floor(hs, ht, W):
     """The fused op's own GEMMs (stacked logits, dH, dW) with the row kernel replaced by nothing."""
     chunk = K.default_chunk_size(hs.shape[0], W.shape[0], hs.device)
@@ -57,6 +64,13 @@ def gemm_floor(hs, ht, W):
 def naive(hs, ht, W):
     a, Wa = _leaves(hs, W)
     K.reference_fused_linear_jsd(a, ht, Wa, beta=0.5).backward()
+
+
+def naive_top100(hs, ht, W):
+    """Top-100 + tail as SDPO computes it: full-vocabulary logits and log-softmaxes materialized."""
+    from opcod_kernels.reference import reference_topk_jsd
+    a, Wa = _leaves(hs, W)
+    reference_topk_jsd(a @ Wa.T, ht @ W.T, topk=TOPK, tail=True, beta=0.5).backward()
 
 
 def liger_chunked(hs, ht, W):
@@ -74,7 +88,8 @@ def liger_triton(hs, ht, W):
     LigerFusedLinearJSD(jsd_beta=0.5)(a, Wa, ht, W, None).backward()
 
 
-IMPLS = {"fused": fused, "gemm_floor": gemm_floor, "naive": naive, "liger_chunked": liger_chunked}
+IMPLS = {"fused": fused, "gemm_floor": gemm_floor, "naive": naive, "liger_chunked": liger_chunked,
+         "fused_top100": fused_top100, "naive_top100": naive_top100}
 if CUDA:
     IMPLS["liger_triton"] = liger_triton
 

@@ -42,7 +42,7 @@ def torchrun(*args, nproc=2, timeout=600, env=None):
 
 
 DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_per_prompt=4",
-              "eval_k=2", "val_k=2", "save_every=1"]
+              "eval_k=2", "val_k=2", "save_every=1", "data.test_size=10"]
 
 
 @pytest.fixture(scope="session")

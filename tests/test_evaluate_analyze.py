@@ -99,8 +99,15 @@ def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path
     cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
     chem, phys = cache / "chem_student", cache / "phys_student"
     out = tmp_path / "br.json"
+    import yaml
+
+    from opcod.train import DEFAULT_CONFIG
+    config = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
+    config["data"]["val_size"], config["val_k"] = 8, 2   # the cognizance verdicts from fewer samples: faster
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     res = subprocess.run([sys.executable, "-m", "opcod.analyze", "break-rate", "--pairs", f"{chem}:{phys}",
-                          f"{phys}:{chem}", "--n", "4", "--limit", "3", "--out", str(out)],
+                          f"{phys}:{chem}", "--n", "4", "--limit", "3", "--config", str(tmp_path / "c.yaml"),
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=900, env=demo_env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "very easy (0-1)" in res.stdout and "easy (0-2)" in res.stdout and "tutor's stronger domain" in res.stdout

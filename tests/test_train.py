@@ -298,9 +298,9 @@ def test_a_finished_run_is_reused_only_under_the_same_config(demo_run, demo_env)
     res = torchrun(*base, "optim.lr=1e-3", env=demo_env)
     assert res.returncode != 0 and "optim.lr: 5e-05 -> 0.001" in res.stderr and "run_name=" in res.stderr
     assert "finished already" not in res.stdout
-    res = torchrun(*base[:-1], "save_every=2", env=demo_env)
+    res = torchrun(*base, "save_every=2", env=demo_env)   # the later override wins
     assert res.returncode != 0 and "save_every: 1 -> 2" in res.stderr and "resume=force" in res.stderr
-    res = torchrun(*base[:-1], "save_every=2", "resume=force", env=demo_env)
+    res = torchrun(*base, "save_every=2", "resume=force", env=demo_env)
     assert res.returncode == 0 and "finished already" in res.stdout
 
 
@@ -399,7 +399,8 @@ def test_lora_run_on_the_demo_changes_only_adapters_and_exports_merged_and_peft(
     cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
     res = torchrun("-m", "opcod.train", f"output_dir={tmp_path}", "run_name=lora", "rounds=1", "steps_per_phase=2",
                    "prompts_per_step=4", "rollouts_per_prompt=4", "eval_k=1", "val_k=1", "model.lora.rank=8",
-                   "model.lora.alpha=16", "optim.lr=1e-3", "loss.teacher_weights=initial", env=demo_env)
+                   "model.lora.alpha=16", "optim.lr=1e-3", "loss.teacher_weights=initial", "data.test_size=8",
+                   env=demo_env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     steps = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
              if '"kind": "step"' in x]

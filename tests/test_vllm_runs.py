@@ -66,16 +66,19 @@ def test_evaluate_vllm_matches_hf_greedy_and_samples_distinctly(demo_run, demo_e
     """On a demo student: the same scores and per-problem rewards from both engines at temperature 0,
     and sampled, the k responses to a problem differ alike on both (with one seed for every
     request vLLM gave k copies of one response). The demo students are nearly deterministic at
-    temperature 1 (1.4 distinct responses of 8 on both engines), so this samples at 1.5."""
+    temperature 1 (1.4 distinct responses of 8 on both engines), so this samples at 1.5 (validation
+    split: 20 problems per domain)."""
     from opcod.demo import VERSION
     model = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}" / "chem_student"
-    greedy = {e: _evaluate(model, tmp_path / f"{e}0.json", "--engine", e, "--temperature", "0", "--k", "1")
+    greedy = {e: _evaluate(model, tmp_path / f"{e}0.json", "--engine", e, "--split", "validation", "--temperature", "0",
+                           "--k", "1")
               for e in ("hf", "vllm")}
     assert greedy["hf"]["scores"] == greedy["vllm"]["scores"]
     assert greedy["hf"]["rewards"] == greedy["vllm"]["rewards"]
     mean_distinct = {}
     for e in ("hf", "vllm"):
-        sampled = _evaluate(model, tmp_path / f"{e}1.json", "--engine", e, "--temperature", "1.5", "--k", "4")
+        sampled = _evaluate(model, tmp_path / f"{e}1.json", "--engine", e, "--split", "validation",
+                            "--temperature", "1.5", "--k", "4")
         counts = [n for per in sampled["distinct_responses"][str(model)].values() for n in per.values()]
         mean_distinct[e] = sum(counts) / len(counts)
         rewards = [r for per in sampled["rewards"][str(model)].values() for r in per.values()]
