@@ -41,6 +41,7 @@ setup(
         "PyYAML",
         "tqdm",
         "matplotlib",
+        "peft",          # model.lora and opcod.sft lora_rank: LoRA adapters
     ],
     extras_require={
         "trackers": ["tensorboard", "wandb", "trackio"],

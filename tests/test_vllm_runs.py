@@ -40,14 +40,16 @@ def vllm_students(tmp_path_factory):
 
 
 def test_two_process_opcod_run_on_vllm_engines(vllm_students):
+    """LoRA students (PEFT): every push gives vLLM the merged weights, and the exports are merged."""
     root, cfg = vllm_students
-    res = torchrun("-m", "opcod.train", "--config", cfg, timeout=900)
+    res = torchrun("-m", "opcod.train", "--config", cfg, "model.lora.rank=4", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = root / "runs" / "vllm"
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["students"]) == {"A", "B"}
     for name in ("A", "B"):
         assert (run / "students" / name / "model.safetensors").is_file()
+        assert (run / "students" / name / "adapter" / "adapter_config.json").is_file()
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
     assert len(steps) == 4 and all(s["opcod/sync_bytes"] > 0 for s in steps)
     # Copies of a prompt sampled with one seed were identical; with a seed per request they differ.
