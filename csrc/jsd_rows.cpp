@@ -75,27 +75,6 @@ inline float vlog(float x) {
   return ef * 0.693145751953125f + (ef * 1.428606765330187045e-06f + 2.0f * s * p);
 }
 
-// expm1: Taylor series where exp(x) - 1 would cancel, exp(x) - 1 elsewhere.
-inline float vexpm1(float x) {
-  float p = 1.0f / 362880.0f;
-  p = p * x + 1.0f / 40320.0f;
-  p = p * x + 1.0f / 5040.0f;
-  p = p * x + 1.0f / 720.0f;
-  p = p * x + 1.0f / 120.0f;
-  p = p * x + 1.0f / 24.0f;
-  p = p * x + 1.0f / 6.0f;
-  p = p * x + 0.5f;
-  const float small = x + x * x * p;
-  return (x > -0.5f && x < 0.5f) ? small : vexp(x) - 1.0f;
-}
-
-// log1p for y > -1 (Kahan): u = 1 + y rounds, u - 1 is exact, and y / (u - 1) undoes the rounding.
-inline float vlog1p(float y) {
-  const float u = 1.0f + y;
-  const float um1 = u - 1.0f;
-  return um1 == 0.0f ? y : vlog(u) * (y / um1);
-}
-
 // expm1(x) - x for |x| < 0.5, by its series (the subtraction would cancel).
 inline float em1md_small(float x) {
   float p = 1.0f / 362880.0f;
@@ -107,6 +86,18 @@ inline float em1md_small(float x) {
   p = p * x + 1.0f / 6.0f;
   p = p * x + 0.5f;
   return x * x * p;
+}
+
+// expm1: its series where exp(x) - 1 would cancel, exp(x) - 1 elsewhere.
+inline float vexpm1(float x) {
+  return (x > -0.5f && x < 0.5f) ? x + em1md_small(x) : vexp(x) - 1.0f;
+}
+
+// log1p for y > -1 (Kahan): u = 1 + y rounds, u - 1 is exact, and y / (u - 1) undoes the rounding.
+inline float vlog1p(float y) {
+  const float u = 1.0f + y;
+  const float um1 = u - 1.0f;
+  return um1 == 0.0f ? y : vlog(u) * (y / um1);
 }
 
 // x e^x - expm1(x) for |x| < 0.5: x^2 + (x - 1)(expm1 x - x).

@@ -12,7 +12,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _expm1(x):
+def _em1md_small(x):
+    """expm1(x) - x for |x| < 0.5, by its series."""
     p = 1.0 / 362880.0
     p = p * x + 1.0 / 40320.0
     p = p * x + 1.0 / 5040.0
@@ -21,9 +22,13 @@ def _expm1(x):
     p = p * x + 1.0 / 24.0
     p = p * x + 1.0 / 6.0
     p = p * x + 0.5
-    small = x + x * x * p
+    return x * x * p
+
+
+@triton.jit
+def _expm1(x):
     xc = tl.minimum(x, 80.0)
-    return tl.where((x > -0.5) & (x < 0.5), small, tl.exp(xc) - 1.0)
+    return tl.where((x > -0.5) & (x < 0.5), x + _em1md_small(x), tl.exp(xc) - 1.0)
 
 
 @triton.jit
@@ -41,20 +46,6 @@ def _log1p(y):
     p = p * s2 + 1.0
     small = 2.0 * s * p
     return tl.where((y > -0.4) & (y < 0.4), small, tl.log(tl.maximum(1.0 + y, 1e-30)))
-
-
-@triton.jit
-def _em1md_small(x):
-    """expm1(x) - x for |x| < 0.5, by its series."""
-    p = 1.0 / 362880.0
-    p = p * x + 1.0 / 40320.0
-    p = p * x + 1.0 / 5040.0
-    p = p * x + 1.0 / 720.0
-    p = p * x + 1.0 / 120.0
-    p = p * x + 1.0 / 24.0
-    p = p * x + 1.0 / 6.0
-    p = p * x + 0.5
-    return x * x * p
 
 
 @triton.jit

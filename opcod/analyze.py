@@ -39,16 +39,18 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
                               lambda ps: engines[tutor].generate(ps, fb, seed_for(seed, 1)), tok)
     contexts = {"feedback": lambda r: (r.solution, r.feedback), "solution": lambda r: (r.solution, None),
                 "nothing": lambda r: (None, None)}
+    # Only rollouts whose feedback was kept are counted (App. E), so only they are re-answered.
+    kept = [i for i, r in enumerate(rollouts) if r.outcome == "kept"]
     post = {}
     for arm, context in contexts.items():
         again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
-            r.problem.prompt, *context(r), tok, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens))),
-            add_special_tokens=False) for r in rollouts]
+            rollouts[i].problem.prompt, *context(rollouts[i]), tok, cfg.loss.max_solution_tokens,
+            cfg.loss.max_feedback_tokens))), add_special_tokens=False) for i in kept]
         # One seed for every arm: each rollout's re-answers share their random stream, so the arms
         # differ by their context, not by luck.
-        outs = engines[tutee].generate(again, roll, seed_for(seed, 2))
-        post[arm] = [reward(tok.decode(o, skip_special_tokens=True), r.problem.answer)
-                     for o, r in zip(outs, rollouts)]
+        outs = engines[tutee].generate(again, roll, seed_for(seed, 2)) if kept else []
+        post[arm] = {i: reward(tok.decode(o, skip_special_tokens=True), rollouts[i].problem.answer)
+                     for i, o in zip(kept, outs)}
     ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
     scores = {} if scores is None else scores
     for path in (tutee, tutor):

@@ -47,9 +47,9 @@ def effects(records: Sequence[Record], n: int, arms: Sequence[str] = ARMS) -> di
     return {name: {arm: rates(rs, arm) for arm in arms} for name, rs in groups.items()}
 
 
-def records_of(rollouts, post: dict[str, Sequence[float]], n: int) -> list[Record]:
+def records_of(rollouts, post: dict[str, dict[int, float]], n: int) -> list[Record]:
     """Records of the rollouts (n per problem, in order) whose feedback was kept; post[arm][i] is
-    rollout i's re-answer reward in that arm."""
+    rollout i's re-answer reward in that arm (kept rollouts only)."""
     out = []
     for g in range(0, len(rollouts), n):
         group = rollouts[g:g + n]
