@@ -41,6 +41,21 @@ def torchrun(*args, nproc=2, timeout=600, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
+def two_launchers(*args, timeout=600, env=None):
+    """torchrun --nnodes=2, one launcher per "node" with one process each, rendezvous on 127.0.0.1:
+    the multi-host path, short of a second host. Returns the two launchers' (returncode, output)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=env or ENV) for r in (0, 1)]
+    outs = [p.communicate(timeout=timeout)[0] for p in launchers]
+    return [(p.returncode, out) for p, out in zip(launchers, outs)]
+
+
 DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_per_prompt=4",
               "eval_k=2", "val_k=2", "save_every=1", "data.test_size=10"]
 

