@@ -107,6 +107,26 @@ def test_minus_inf_columns_in_both_take_no_part(backend, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side,beta", [("student", 0.5), ("student", 1.0), ("teacher", 0.0), ("teacher", 0.5)])
+def test_minus_inf_columns_in_one_model_where_the_divergence_is_finite(backend, side, beta):
+    """A column one model rules out (-inf) and the other does not: the terms with a zero probability
+    count 0 (for beta = 0.5 and a student -inf, d - g is inf - inf unless taken as its limit)."""
+    g = torch.Generator().manual_seed(6)
+    zs = torch.randn(N, V, generator=g) * 2
+    zt = torch.randn(N, V, generator=g) * 2
+    (zs if side == "student" else zt)[:, -40:] = float("-inf")
+    a = zs.clone().to(DEVICE).requires_grad_()
+    out = K.jsd(a, zt.to(DEVICE), beta=beta, backend=backend)
+    out.backward()
+    # float64 ground truth: -1e4 has an exp of exactly 0 there, and finite logs.
+    b = zs.double().clamp_min(-1e4).requires_grad_()
+    ref = K.reference_jsd(b, zt.double().clamp_min(-1e4), beta=beta)
+    ref.backward()
+    assert torch.isfinite(out) and rel_err(out, ref) <= 1e-5, (out, ref)
+    assert torch.isfinite(a.grad).all() and rel_err(a.grad, b.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabularies_padded_differently(backend):
     # A teacher padded past the student's rows, a student padded past the teacher's, and an explicit
     # real vocabulary smaller than both: padding rows take no part and get no gradient.
