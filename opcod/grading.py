@@ -1,7 +1,10 @@
-"""Grading of MCQ responses (last <answer> tag vs the gold letter) and the avg@k score."""
+"""Grading of MCQ responses (last <answer> tag vs the gold letter), the avg@k score and its
+bootstrap interval."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 
@@ -32,3 +35,33 @@ def avg_at_k(rewards: Sequence[Sequence[float]]) -> float:
             raise ValueError(f"avg_at_k: problem {i} has no samples")
         total += sum(samples) / len(samples)
     return total / len(rewards)
+
+
+def bootstrap_interval(rewards: Mapping[str, Sequence[float]], baseline: Mapping[str, Sequence[float]] | None = None,
+                       level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of avg@k over `rewards` ({problem id: its k 0/1 rewards}), resampling the
+    problems and, within each, its samples, both with replacement; with `baseline` (the same
+    problems), of the change avg@k(rewards) - avg@k(baseline), the problems drawn once for both."""
+    ids = sorted(rewards)
+    if not ids:
+        raise ValueError("bootstrap_interval needs at least one problem")
+    if baseline is not None and sorted(baseline) != ids:
+        raise ValueError("bootstrap_interval: rewards and baseline cover different problems")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
+
+    def resampled(table: Mapping[str, Sequence[float]]) -> np.ndarray:
+        rows = [np.asarray(table[i], dtype=np.float64) for i in ids]
+        k = max(len(r) for r in rows)
+        if min(len(r) for r in rows) != k:  # unequal k: resample each problem's own samples
+            return np.array([[rows[j][rng.integers(0, len(rows[j]), len(rows[j]))].mean() for j in pick]
+                             for pick in picks]).mean(axis=1)
+        arr = np.stack(rows)
+        samples = rng.integers(0, k, size=(resamples, len(ids), k))
+        return arr[picks[..., None], samples].mean(axis=(1, 2))
+
+    stat = resampled(rewards)
+    if baseline is not None:
+        stat = stat - resampled(baseline)
+    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

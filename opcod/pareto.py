@@ -31,17 +31,25 @@ def mutual_improvement(initial: Mapping[str, Mapping[str, float]],
 
 
 def format_table(initial: Mapping[str, Mapping[str, float]],
-                 final: Mapping[str, Mapping[str, float]]) -> str:
-    """A printable table: per student and domain, initial -> final (change), and the verdicts."""
+                 final: Mapping[str, Mapping[str, float]], intervals: Mapping | None = None) -> str:
+    """A printable table: per student and domain, initial -> final (change), and the verdicts;
+    with `intervals` ({student: {domain: {"final": [lo, hi], "change": [lo, hi]}}}) beside them."""
     verdicts = improvements(initial, final)
     domains = sorted({d for per in initial.values() for d in per})
     name_w = max(7, *(len(n) for n in initial))
-    head = f"{'student':<{name_w}}  " + "  ".join(f"{d:>22}" for d in domains) + "  pareto-improved"
+
+    def cell(name, d):
+        a, b = 100 * initial[name][d], 100 * final[name][d]
+        if not intervals:
+            return f"{a:6.1f} -> {b:5.1f} ({b - a:+5.1f})"
+        f, c = (100 * x for x in intervals[name][d]["final"]), (100 * x for x in intervals[name][d]["change"])
+        return f"{a:5.1f} -> {b:5.1f} [{next(f):4.1f},{next(f):5.1f}] ({b - a:+5.1f} [{next(c):+5.1f},{next(c):+5.1f}])"
+
+    width = 46 if intervals else 22
+    head = f"{'student':<{name_w}}  " + "  ".join(f"{d:>{width}}" for d in domains) + "  pareto-improved"
     lines = [head, "-" * len(head)]
     for name in initial:
-        cells = [f"{100 * initial[name][d]:6.1f} -> {100 * final[name][d]:5.1f} ({100 * (final[name][d] - initial[name][d]):+5.1f})"
-                 for d in domains]
-        lines.append(f"{name:<{name_w}}  " + "  ".join(f"{c:>22}" for c in cells)
+        lines.append(f"{name:<{name_w}}  " + "  ".join(f"{cell(name, d):>{width}}" for d in domains)
                      + f"  {'yes' if verdicts[name] else 'no'}")
     lines.append(f"mutual Pareto improvement: {'yes' if all(verdicts.values()) else 'no'}")
     return "\n".join(lines)

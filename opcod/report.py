@@ -4,13 +4,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .grading import bootstrap_interval
 from .pareto import format_table, improvements, mutual_improvement
 
+LEVEL = 0.95
 
-def summary(initial: dict, final: dict, rounds: list[dict], outcomes: dict, config_name: str = "config.yaml") -> dict:
+
+def intervals(initial_rewards: dict | None, final_rewards: dict | None, seed: int = 0) -> dict | None:
+    """Per student and domain, 95 % bootstrap intervals (problems and samples resampled) of the
+    initial and final avg@k and of the change (paired: the same problems drawn for both); None
+    for a run resumed from a checkpoint that predates per-problem rewards."""
+    if not initial_rewards or not final_rewards:
+        return None
+    out = {}
+    for name, per in final_rewards.items():
+        out[name] = {}
+        for domain, rewards in per.items():
+            before = initial_rewards[name][domain]
+            out[name][domain] = {"initial": list(bootstrap_interval(before, level=LEVEL, seed=seed)),
+                                 "final": list(bootstrap_interval(rewards, level=LEVEL, seed=seed)),
+                                 "change": list(bootstrap_interval(rewards, before, level=LEVEL, seed=seed))}
+    return out
+
+
+def summary(initial: dict, final: dict, rounds: list[dict], outcomes: dict, config_name: str = "config.yaml",
+            intervals: dict | None = None) -> dict:
     verdicts = improvements(initial, final)
     return {
-        "students": {name: {"initial": initial[name], "final": final[name], "pareto_improved": verdicts[name]}
+        "students": {name: {"initial": initial[name], "final": final[name], "pareto_improved": verdicts[name],
+                            **({"intervals_95": intervals[name]} if intervals else {})}
                      for name in initial},
         "mutual_pareto_improvement": mutual_improvement(initial, final),
         "rounds": rounds,
@@ -57,7 +79,10 @@ def plot_validation(run_dir: Path, rounds: list[dict], final_validation: dict | 
 def table(data: dict) -> str:
     initial = {n: s["initial"] for n, s in data["students"].items()}
     final = {n: s["final"] for n, s in data["students"].items()}
-    lines = ["test avg@k, initial -> final (change), per student and domain:", format_table(initial, final)]
+    ci = {n: s["intervals_95"] for n, s in data["students"].items() if "intervals_95" in s} or None
+    head = ("test avg@k, initial -> final [95 % interval] (change [95 % interval]), per student and domain:"
+            if ci else "test avg@k, initial -> final (change), per student and domain:")
+    lines = [head, format_table(initial, final, ci)]
     for r in data["rounds"]:
         gate = ", ".join(f"{n}: gap {r['gaps'][n]:.3f} {'cognizant' if r['cognizant'][n] else 'incognizant'}"
                          for n in r["gaps"])

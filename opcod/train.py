@@ -25,7 +25,7 @@ from .engine_hf import Sampling
 from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
 from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
-from .grading import reward
+from .grading import avg_at_k, reward
 from .adapters import is_peft, merged, scale_of
 from .metrics import score_record
 from .models import (AdapterFree, Student, apply_update, check_model_dir, compute_dtype, ema_update,
@@ -53,6 +53,7 @@ class Progress:
     cursor: int = 0                     # prompts consumed from the union stream
     nonfinite: int = 0
     initial_test: dict | None = None
+    initial_rewards: dict | None = None  # {student: {domain: {problem id: k rewards}}}, for intervals
     validation: dict | None = None      # this round's validation scores
     rounds: list = field(default_factory=list)
     outcomes: dict = field(default_factory=lambda: OutcomeCounts().as_dict())
@@ -169,26 +170,31 @@ class CoDistillation:
 
     # ------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, name: str, problems: dict[str, list[Problem]], k: int, tag: int) -> dict[str, float]:
-        """avg@k of student `name` per domain (evaluation sampling), problems sharded over ranks."""
+    def evaluate(self, name: str, problems: dict[str, list[Problem]], k: int, tag: int):
+        """(avg@k per domain, {domain: {problem id: k rewards}}) of student `name` (evaluation
+        sampling), the problems sharded over ranks and their rewards gathered on every rank."""
         self.ensure("rollout", name)
-        scores = {}
+        scores, rewards = {}, {}
         for d_index, (domain, probs) in enumerate(sorted(problems.items())):
             mine = probs[self.rank::self.world]
             prompts = [self.prompt_ids(p) for p in mine for _ in range(k)]
             outs = self.engines.generate("rollout", prompts, self.sampling(self.cfg.evaluation),
                                          seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
-            per_problem = [sum(reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
-                               for o in outs[i * k:(i + 1) * k]) / k for i, p in enumerate(mine)]
-            total, count = all_sum([sum(per_problem), len(per_problem)], self.device)
-            scores[domain] = total / count if count else 0.0
-        return scores
+            local = {p.id: [reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
+                            for o in outs[i * k:(i + 1) * k]] for i, p in enumerate(mine)}
+            shards = [None] * self.world
+            dist.all_gather_object(shards, local)
+            rewards[domain] = {pid: r for shard in shards for pid, r in shard.items()}
+            scores[domain] = avg_at_k([rewards[domain][p.id] for p in probs]) if probs else 0.0
+        return scores, rewards
 
-    def evaluate_all(self, split: str, tag: int) -> dict[str, dict[str, float]]:
+    def evaluate_all(self, split: str, tag: int):
+        """({student: {domain: avg@k}}, {student: {domain: {problem id: rewards}}}) on a split."""
         problems, k = (self.val, self.cfg.val_k) if split == "validation" else (self.test, self.cfg.eval_k)
-        scores = {n: self.evaluate(n, problems, k, tag) for n in self.names}
+        results = {n: self.evaluate(n, problems, k, tag) for n in self.names}
+        scores = {n: r[0] for n, r in results.items()}
         self.log_metrics(score_record(split, self.progress.global_step, self.progress.round, scores, k))
-        return scores
+        return scores, {n: r[1] for n, r in results.items()}
 
     # ------------------------------------------------------------------------- one step
 
@@ -464,7 +470,7 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
         if run.rank == 0:
             save_config(cfg, run.run_dir / "config.yaml")
             (run.run_dir / "metrics.jsonl").write_text("")
-        p.initial_test = run.evaluate_all("test", tag=0)
+        p.initial_test, p.initial_rewards = run.evaluate_all("test", tag=0)
     S, K = len(run.names), cfg.steps_per_phase
     bar = None
     if run.rank == 0:
@@ -474,7 +480,7 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
     while p.round <= cfg.rounds:
         if p.phase == 0 and p.step == 0:
             # Round start: validation scores, cognizance gaps, tutor snapshots.
-            p.validation = run.evaluate_all("validation", tag=p.round)
+            p.validation = run.evaluate_all("validation", tag=p.round)[0]
             gaps, aware = cognizance_gaps(p.validation), cognizant(p.validation, cfg.tau)
             p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware})
             log(f"round {p.round}: " + ", ".join(f"{n} gap {gaps[n]:.3f} ({'cognizant' if aware[n] else 'incognizant'})"
@@ -510,9 +516,10 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
     if bar is not None:
         bar.close()
 
-    final_validation = run.evaluate_all("validation", tag=cfg.rounds + 1)
-    final_test = run.evaluate_all("test", tag=10_000)
-    data = report.summary(p.initial_test, final_test, p.rounds, p.outcomes)
+    final_validation = run.evaluate_all("validation", tag=cfg.rounds + 1)[0]
+    final_test, final_rewards = run.evaluate_all("test", tag=10_000)
+    data = report.summary(p.initial_test, final_test, p.rounds, p.outcomes,
+                          intervals=report.intervals(p.initial_rewards, final_rewards, cfg.seed))
     p.finished = True
     if run.rank == 0:
         report.write_summary(run.run_dir, data)

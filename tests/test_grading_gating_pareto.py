@@ -2,7 +2,7 @@
 import pytest
 
 from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for)
-from opcod.grading import avg_at_k, extract_answer, reward
+from opcod.grading import avg_at_k, bootstrap_interval, extract_answer, reward
 from opcod.pareto import dominates, format_table, improvements, mutual_improvement
 
 
@@ -93,3 +93,34 @@ def test_pareto():
     assert mutual_improvement(initial, final)
     table = format_table(initial, final)
     assert "50.0 ->  60.0 (+10.0)" in table and "mutual Pareto improvement: yes" in table
+
+
+def test_bootstrap_interval_matches_the_binomial_standard_error():
+    """One sample per problem: avg@1 is a binomial proportion, whose 95 % interval is about
+    p +- 1.96 sqrt(p (1 - p) / n); the paired change of a table from itself is exactly 0."""
+    import random
+    rng = random.Random(0)
+    n = 400
+    rewards = {f"q{i}": [float(rng.random() < 0.7)] for i in range(n)}
+    p = avg_at_k(list(rewards.values()))
+    lo, hi = bootstrap_interval(rewards)
+    half = 1.96 * (p * (1 - p) / n) ** 0.5
+    assert lo < p < hi
+    assert abs((hi - lo) / 2 - half) < 0.1 * half, ((hi - lo) / 2, half)
+    assert bootstrap_interval(rewards, rewards) == (0.0, 0.0)
+    assert bootstrap_interval({"a": [1.0, 1.0], "b": [1.0]}) == (1.0, 1.0)  # unequal k is resampled too
+
+
+def test_bootstrap_interval_of_samples_within_problems():
+    """Every problem the same coin (k samples at 0.5): between-problem spread is sampling noise
+    alone, so the interval is about 0.5 +- 1.96 sqrt(0.25 / (n k)), wider with fewer samples."""
+    import random
+    rng = random.Random(1)
+    n, k = 100, 8
+    rewards = {f"q{i}": [float(rng.random() < 0.5) for _ in range(k)] for i in range(n)}
+    lo, hi = bootstrap_interval(rewards)
+    half = 1.96 * (0.25 / (n * k)) ** 0.5
+    # Two-stage resampling counts the sampling noise about twice (between and within problems).
+    assert half < (hi - lo) / 2 < 1.6 * half, ((hi - lo) / 2, half)
+    with pytest.raises(ValueError, match="different problems"):
+        bootstrap_interval(rewards, {"other": [1.0]})

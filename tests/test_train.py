@@ -148,6 +148,7 @@ def test_feedback_gate_and_teacher_prompt(tokenizer):
 def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     run_dir, res = demo_run
     assert "mutual Pareto improvement:" in res.stdout and "feedback outcomes:" in res.stdout
+    assert "[95 % interval]" in res.stdout
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["rounds"] == 2 and cfg["method"] == "opcod" and len(cfg["students"]) == 2
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -170,8 +171,12 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == {"students", "mutual_pareto_improvement", "rounds", "feedback_outcomes", "config"}
     for name, s in summary["students"].items():
-        assert set(s) == {"initial", "final", "pareto_improved"}
+        assert set(s) == {"initial", "final", "pareto_improved", "intervals_95"}
         assert set(s["initial"]) == {"chemistry", "physics"}
+        for d, ci in s["intervals_95"].items():  # each interval holds its point estimate
+            assert ci["initial"][0] <= s["initial"][d] <= ci["initial"][1]
+            assert ci["final"][0] <= s["final"][d] <= ci["final"][1]
+            assert ci["change"][0] <= s["final"][d] - s["initial"][d] <= ci["change"][1]
         assert (run_dir / "students" / name / "model.safetensors").is_file()
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant"}
