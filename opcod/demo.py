@@ -141,13 +141,14 @@ def prepare(cfg: Config) -> Config:
         for d in domains:
             _write(root / f"{d}.jsonl", records(by_domain[d], cfg.seed + 1) + book([d], False) * BOOK_REPEATS)
     dist.barrier()
+    whole = dict(seed=cfg.seed, reshard_after_forward=False)  # a tiny student's weights stay gathered
     run_sft(SFTConfig(model=str(root / "init"), output=str(root / "reader"), data=str(root / "knowledge.jsonl"),
-                      seed=cfg.seed, **KNOWLEDGE_SFT), log=_log)
+                      **whole, **KNOWLEDGE_SFT), log=_log)
     run_sft(SFTConfig(model=str(root / "reader"), output=str(root / "base"), data=str(root / "roles.jsonl"),
-                      seed=cfg.seed, **ROLES_SFT), log=_log)
+                      **whole, **ROLES_SFT), log=_log)
     for s, d in zip(students, domains):
         run_sft(SFTConfig(model=str(root / "base"), output=s.path, data=str(root / f"{d}.jsonl"),
-                          seed=cfg.seed, **DOMAIN_SFT), log=_log)
+                          **whole, **DOMAIN_SFT), log=_log)
     _log(f"demo students ready in {time.perf_counter() - start:.0f} s")
     return dataclasses.replace(cfg, students=students)
 

@@ -108,7 +108,8 @@ def grpo_token_loss(logp, advantages, old_logp=None, clip_low: float = 0.2, clip
     return loss
 
 
-def shard(student: Student, device: torch.device, activation_checkpointing: bool = False) -> Student:
+def shard(student: Student, device: torch.device, activation_checkpointing: bool = False,
+          reshard_after_forward: bool = True) -> Student:
     """fully_shard every decoder layer, then the root (embeddings, final norm, lm_head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     student.to(device)
@@ -120,20 +121,20 @@ def shard(student: Student, device: torch.device, activation_checkpointing: bool
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" else MixedPrecisionPolicy())
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(student, mp_policy=mp)
     # from_pretrained returns eval mode, and transformers checkpoints layers only in training mode.
     return student.train()
 
 
 def load_student(path: str, device: torch.device, lora=None, activation_checkpointing: bool = False,
-                 trust_remote_code: bool = False) -> Student:
+                 trust_remote_code: bool = False, reshard_after_forward: bool = True) -> Student:
     """A student from a Hugging Face directory, with LoRA adapters through PEFT when lora.rank > 0,
     sharded with FSDP2 and in training mode."""
     lm = load_causal_lm(path, trust_remote_code)
     if lora is not None and lora.rank:
         lm = attach(lm, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    return shard(Student(lm), device, activation_checkpointing)
+    return shard(Student(lm), device, activation_checkpointing, reshard_after_forward)
 
 
 def frozen_student(path: str, device: torch.device, trust_remote_code: bool = False, like: Student | None = None,

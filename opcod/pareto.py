@@ -30,6 +30,15 @@ def mutual_improvement(initial: Mapping[str, Mapping[str, float]],
     return all(improvements(initial, final).values())
 
 
+def format_cell(initial: float, final: float, interval: Mapping | None = None) -> str:
+    """`initial -> final (change)` in percent, with the final score's and the change's intervals."""
+    a, b = 100 * initial, 100 * final
+    if not interval:
+        return f"{a:6.1f} -> {b:5.1f} ({b - a:+5.1f})"
+    (f0, f1), (c0, c1) = ((100 * x for x in interval[key]) for key in ("final", "change"))
+    return f"{a:5.1f} -> {b:5.1f} [{f0:4.1f},{f1:5.1f}] ({b - a:+5.1f} [{c0:+5.1f},{c1:+5.1f}])"
+
+
 def format_table(initial: Mapping[str, Mapping[str, float]],
                  final: Mapping[str, Mapping[str, float]], intervals: Mapping | None = None) -> str:
     """A printable table: per student and domain, initial -> final (change), and the verdicts;
@@ -39,11 +48,7 @@ def format_table(initial: Mapping[str, Mapping[str, float]],
     name_w = max(7, *(len(n) for n in initial))
 
     def cell(name, d):
-        a, b = 100 * initial[name][d], 100 * final[name][d]
-        if not intervals:
-            return f"{a:6.1f} -> {b:5.1f} ({b - a:+5.1f})"
-        f, c = (100 * x for x in intervals[name][d]["final"]), (100 * x for x in intervals[name][d]["change"])
-        return f"{a:5.1f} -> {b:5.1f} [{next(f):4.1f},{next(f):5.1f}] ({b - a:+5.1f} [{next(c):+5.1f},{next(c):+5.1f}])"
+        return format_cell(initial[name][d], final[name][d], intervals[name][d] if intervals else None)
 
     width = 46 if intervals else 22
     head = f"{'student':<{name_w}}  " + "  ".join(f"{d:>{width}}" for d in domains) + "  pareto-improved"

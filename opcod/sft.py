@@ -59,7 +59,8 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {world} processes")
 
     torch.manual_seed(cfg.seed)
-    student = load_student(cfg.model, device, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+    student = load_student(cfg.model, device, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
+                           reshard_after_forward=cfg.reshard_after_forward)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -68,6 +69,10 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     step = 0
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=f"sft {Path(cfg.data).stem}", unit="step", leave=False)
     for epoch in range(cfg.epochs):
         order = random.Random(cfg.seed * 1000 + epoch).sample(range(len(examples)), len(examples))
         running = 0.0
@@ -88,8 +93,12 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
             dist.all_reduce(logged)  # per-rank partial sums of the global token mean
             running += float(logged)
             step += 1
+            if bar is not None:
+                bar.update(1)
         if rank == 0:
             log(f"sft epoch {epoch + 1}/{cfg.epochs}: mean token loss {running / per_epoch:.4f}")
+    if bar is not None:
+        bar.close()
     export_hf(student, tokenizer, Path(cfg.output))  # a LoRA student merged, its adapter in output/adapter
     return Path(cfg.output)
 

@@ -191,7 +191,11 @@ class CoDistillation:
     def evaluate_all(self, split: str, tag: int):
         """({student: {domain: avg@k}}, {student: {domain: {problem id: rewards}}}) on a split."""
         problems, k = (self.val, self.cfg.val_k) if split == "validation" else (self.test, self.cfg.eval_k)
-        results = {n: self.evaluate(n, problems, k, tag) for n in self.names}
+        names = self.names
+        if self.rank == 0:
+            from tqdm import tqdm
+            names = tqdm(self.names, desc=f"{split} avg@{k}", unit="student", leave=False)
+        results = {n: self.evaluate(n, problems, k, tag) for n in names}
         scores = {n: r[0] for n, r in results.items()}
         self.log_metrics(score_record(split, self.progress.global_step, self.progress.round, scores, k))
         return scores, {n: r[1] for n, r in results.items()}

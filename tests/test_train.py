@@ -384,6 +384,31 @@ def test_two_launchers_on_one_machine_run_what_one_launcher_runs(tiny_students, 
     assert summaries[0] == summaries[1]
 
 
+def test_compare_runs_three_methods_from_the_same_students_and_reuses_them(tiny_students, tmp_path):
+    """opcod.compare: OPCoD, SDPO and GRPO runs, one table with every method and the Fig. 7 plot;
+    run again, it reuses the finished runs (opcod.train checks their configs) and prints the same."""
+    _, cfg_path = tiny_students
+    cmd = [sys.executable, "-m", "opcod.compare", "--config", str(cfg_path), "--out", str(tmp_path), "--seeds", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    table = (tmp_path / "comparison.txt").read_text()
+    for method in ("opcod", "sdpo", "grpo"):
+        summary = json.loads((tmp_path / f"{method}-seed0" / "summary.json").read_text())
+        cfg = yaml.safe_load((tmp_path / f"{method}-seed0" / "config.yaml").read_text())
+        assert cfg["method"] == method and cfg["seed"] == 0
+        assert f"{method}: mutual Pareto improvement: seed 0 " in table
+        blocks = {b.split(" ", 1)[0]: b for b in table.split("\n\n")[:2]}  # one block per student
+        for name in ("A", "B"):  # every method's row, with its own final scores
+            row = next(x for x in blocks[name].splitlines() if x.startswith(f"{method:<7}    0 "))
+            assert f"-> {100 * summary['students'][name]['final']['chemistry']:5.1f}" in row
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert again.returncode == 0 and again.stdout.count("is finished already") == 3, again.stdout[-2000:]
+    assert (tmp_path / "comparison.txt").read_text() == table
+    bad = subprocess.run([*cmd, "seed=3"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert bad.returncode == 2 and "'seed=3'" in bad.stderr
+
+
 def test_lora_run_on_the_demo_changes_only_adapters_and_exports_merged_and_peft(demo_run, demo_env, tmp_path):
     """model.lora through PEFT on the demo students, the initial teacher being the student with its
     adapters off: the merged export equals base + adapter as PEFT itself merges it, and every weight
