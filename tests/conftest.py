@@ -71,7 +71,7 @@ def demo_env(tmp_path_factory):
 def demo_run(demo_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     res = torchrun("-m", "opcod.train", f"output_dir={out}", "run_name=full", *DEMO_SHORT,
-                   env=demo_env, timeout=1800)  # builds the demo students first (about 10 min on 2 cores)
+                   env=demo_env, timeout=3000)  # builds the demo students first (10-26 min on 2 cores)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out / "full", res
 
