@@ -36,13 +36,18 @@ def collect(out_dir: Path, methods, seeds) -> dict:
             for m in methods}
 
 
+def _first(results: dict) -> dict:
+    """Any one summary: every run starts from the same students and scores."""
+    return next(iter(next(iter(results.values())).values()))
+
+
 def weaker_domain(initial: dict) -> str:
     return min(sorted(initial), key=lambda d: initial[d])
 
 
 def comparison_table(results: dict) -> str:
     """Per student: each method and seed's final scores against the shared initial ones."""
-    first = next(iter(next(iter(results.values())).values()))
+    first = _first(results)
     lines = []
     for student in sorted(first["students"]):
         initial = first["students"][student]["initial"]
@@ -82,7 +87,7 @@ def plot(results: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    first = next(iter(next(iter(results.values())).values()))
+    first = _first(results)
     students = sorted(first["students"])
     fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4.5), squeeze=False)
     for ax, student in zip(axes[0], students):

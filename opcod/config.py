@@ -166,7 +166,7 @@ class SFTConfig:
     seed: int = 0
     # FSDP2 frees each layer's gathered weights after its forward and gathers them again for the
     # backward; false keeps them gathered in between: one all-gather fewer per layer and step, for
-    # the memory of the whole unsharded model (the demo's tiny students build 28 % faster).
+    # the memory of the whole unsharded model (an epoch of the demo's tiny students: 28 % faster).
     reshard_after_forward: bool = True
 
 
