@@ -21,13 +21,11 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
     every rollout (anchored and sanitized as in training), and the tutee re-answering each rollout
     in every arm of effects.ARMS; the tutor's cognizance among the two on the validation split
     (`scores`: validation scores by model directory, filled as they are measured)."""
-    from . import prompts
     from .distributed import seed_for
     from .engine_hf import Sampling
     from .evaluate import evaluate_model
     from .gating import best_domains, cognizance_gaps
-    from .grading import reward
-    from .step import make_rollouts, prompt_ids, request_feedback, self_anchors
+    from .step import make_rollouts, prompt_ids, reanswer, request_feedback, self_anchors
     roll = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     ids = [prompt_ids(tok, p) for p in problems]
     outs = engines[tutee].generate([i for i in ids for _ in range(n)], roll, seed_for(seed, 0))
@@ -37,20 +35,9 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
     fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
     counts = request_feedback(rollouts, lambda r: True,
                               lambda ps: engines[tutor].generate(ps, fb, seed_for(seed, 1)), tok)
-    contexts = {"feedback": lambda r: (r.solution, r.feedback), "solution": lambda r: (r.solution, None),
-                "nothing": lambda r: (None, None)}
     # Only rollouts whose feedback was kept are counted (App. E), so only they are re-answered.
-    kept = [i for i, r in enumerate(rollouts) if r.outcome == "kept"]
-    post = {}
-    for arm, context in contexts.items():
-        again = [tok.encode(prompts.render(tok, prompts.messages(prompts.reprompt_message(
-            rollouts[i].problem.prompt, *context(rollouts[i]), tok, cfg.loss.max_solution_tokens,
-            cfg.loss.max_feedback_tokens))), add_special_tokens=False) for i in kept]
-        # One seed for every arm: each rollout's re-answers share their random stream, so the arms
-        # differ by their context, not by luck.
-        outs = engines[tutee].generate(again, roll, seed_for(seed, 2)) if kept else []
-        post[arm] = {i: reward(tok.decode(o, skip_special_tokens=True), rollouts[i].problem.answer)
-                     for i, o in zip(kept, outs)}
+    post = reanswer(rollouts, lambda ps: engines[tutee].generate(ps, roll, seed_for(seed, 2)), tok,
+                    cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
     ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
     scores = {} if scores is None else scores
     for path in (tutee, tutor):
@@ -146,16 +133,37 @@ def run_report(run_dir: Path) -> dict:
 
     def mean(xs):
         return statistics.mean(xs) if xs else None
-    t_on, t_off = mean([s["timing_s/step"] for s in on]), mean([s["timing_s/step"] for s in off])
+    def step_time(s):  # without the feedback-effects diagnostic, which training does not need
+        return s["timing_s/step"] - s.get("timing_s/effects", 0.0)
+    t_on, t_off = mean([step_time(s) for s in on]), mean([step_time(s) for s in off])
     # App. G: the part of an FB-on step that plain SDPO would spend too (all but the feedback).
-    share = mean([(s["timing_s/step"] - s["timing_s/feedback"]) / s["timing_s/step"] for s in on])
+    share = mean([(step_time(s) - s["timing_s/feedback"]) / step_time(s) for s in on])
     validation = [m for m in metrics if m["kind"] == "validation"]
-    return {"outcomes_first_round": by_round.get(rounds[0]) if rounds else None,
+    return {"feedback_effects": _phase_effects(steps, summary),
+            "outcomes_first_round": by_round.get(rounds[0]) if rounds else None,
             "outcomes_last_round": by_round.get(rounds[-1]) if rounds else None,
             "step_time_fb_on": t_on, "step_time_fb_off": t_off, "steps_fb_on": len(on),
             "steps_fb_off": len(off), "sdpo_equivalent_share": share,
             "gates": [{"round": r["round"], "gaps": r["gaps"], "cognizant": r["cognizant"]} for r in summary["rounds"]],
             "validation": [{"round": m["opcod/round"], "scores": metrics_names.scores_of(m)} for m in validation]}
+
+
+def _phase_effects(steps: list[dict], summary: dict) -> list[dict]:
+    """Per round and tutee, the feedback effects summed over the phase's steps, with the tutor's
+    cognizance that round (runs made with logging.feedback_effects)."""
+    aware = {r["round"]: r["cognizant"] for r in summary["rounds"]}
+    out: dict[tuple, dict] = {}
+    for s in steps:
+        counts = metrics_names.effect_counts(s)
+        if counts is None:
+            continue
+        key = (s["opcod/round"], s["opcod/tutee"], s["opcod/tutor"])
+        total = out.setdefault(key, dict.fromkeys(counts, 0))
+        for k, v in counts.items():
+            total[k] += v
+    return [{"round": r, "tutee": tutee, "tutor": tutor, "tutor_cognizant": aware.get(r, {}).get(tutor),
+             "arms": {arm: effects.rates_of_counts(c, arm) for arm in effects.ARMS}}
+            for (r, tutee, tutor), c in out.items()]
 
 
 def _plot_run(run_dir: Path, rep: dict, out_dir: Path) -> list[Path]:
@@ -228,6 +236,16 @@ def _run_cli(args) -> int:
     for g in rep["gates"]:
         print(f"  round {g['round']}: " + ", ".join(
             f"{n} gap {g['gaps'][n]:.3f} {'cognizant' if g['cognizant'][n] else 'incognizant'}" for n in g["gaps"]))
+    if rep["feedback_effects"]:
+        print("\nfeedback effects (the tutee re-answering its kept-feedback rollouts, per phase):")
+        print(f"{'round':<6} {'tutee <- tutor':<32} {'re-answer with':<15} {'break-rate':>20} {'fix-rate':>20}")
+        for e in rep["feedback_effects"]:
+            who = f"{e['tutee']} <- {e['tutor']}" + {True: " (c)", False: " (i)"}.get(e["tutor_cognizant"], "")
+            for arm, r in e["arms"].items():
+                broke = effects.percent(r, "break_rate", "broken", "correct")
+                print(f"{e['round']:<6} {who:<32} {arm:<15} {broke:>20} "
+                      f"{effects.percent(r, 'fix_rate', 'fixed', 'wrong'):>20}")
+        print("(c) / (i): the tutor was cognizant / incognizant that round")
     print("\nvalidation trajectories (avg@k %):")
     for v in rep["validation"]:
         print(f"  round {v['round']}: " + "; ".join(

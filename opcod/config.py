@@ -96,6 +96,9 @@ class EngineConfig:
 class LoggingConfig:
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])   # any of jsonl, tensorboard, wandb, trackio
     project: str = "opcod"              # the W&B / Trackio project; the run is named after run_name
+    # Each OPCoD step, the tutee also re-answers its kept-feedback rollouts with the solution only and
+    # with nothing in context: break- and fix-rates against those controls (three extra generations).
+    feedback_effects: bool = False
 
 
 @dataclass

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 ARMS = ("feedback", "solution", "nothing")
 
 
+def context(rollout, arm: str) -> tuple[str | None, str | None]:
+    """(solution, feedback) in the self-teacher's context when `rollout` is re-answered in `arm`."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    return {"feedback": (rollout.solution, rollout.feedback), "solution": (rollout.solution, None),
+            "nothing": (None, None)}[arm]
+
+
 @dataclass
 class Record:
     """One rollout whose feedback was kept."""
@@ -30,13 +38,7 @@ def buckets(n: int) -> dict[str, tuple[int, int]]:
 
 def rates(records: Iterable[Record], arm: str) -> dict:
     """break-rate = #(C -> W) / #C and fix-rate = #(W -> C) / #W of the re-answers in `arm`."""
-    records = list(records)
-    correct = [r for r in records if r.pre > 0]
-    wrong = [r for r in records if r.pre <= 0]
-    broken = sum(1 for r in correct if r.post[arm] <= 0)
-    fixed = sum(1 for r in wrong if r.post[arm] > 0)
-    return {"correct": len(correct), "broken": broken, "break_rate": broken / len(correct) if correct else None,
-            "wrong": len(wrong), "fixed": fixed, "fix_rate": fixed / len(wrong) if wrong else None}
+    return rates_of_counts(step_counts(list(records), (arm,)), arm)
 
 
 def effects(records: Sequence[Record], n: int, arms: Sequence[str] = ARMS) -> dict[str, dict[str, dict]]:
@@ -73,7 +75,25 @@ def aggregate(pairs: Sequence[dict], n: int) -> dict:
     return out
 
 
-def _pct(r: dict, key: str, num: str, den: str) -> str:
+def step_counts(records: Sequence[Record], arms: Sequence[str] = ARMS) -> dict[str, int]:
+    """Counts that add over ranks and steps: correct and wrong kept-feedback rollouts, and per arm
+    how many of them broke or were fixed."""
+    out = {"correct": sum(1 for r in records if r.pre > 0), "wrong": sum(1 for r in records if r.pre <= 0)}
+    for arm in arms:
+        out[f"{arm}/broken"] = sum(1 for r in records if r.pre > 0 and r.post[arm] <= 0)
+        out[f"{arm}/fixed"] = sum(1 for r in records if r.pre <= 0 and r.post[arm] > 0)
+    return out
+
+
+def rates_of_counts(counts: dict[str, int], arm: str) -> dict:
+    """`rates` from summed step_counts."""
+    c, w = counts["correct"], counts["wrong"]
+    broken, fixed = counts[f"{arm}/broken"], counts[f"{arm}/fixed"]
+    return {"correct": c, "broken": broken, "break_rate": broken / c if c else None,
+            "wrong": w, "fixed": fixed, "fix_rate": fixed / w if w else None}
+
+
+def percent(r: dict, key: str, num: str, den: str) -> str:
     return "-" if r[key] is None else f"{100 * r[key]:5.1f}% ({r[num]}/{r[den]})"
 
 
@@ -83,7 +103,8 @@ def format_table2(agg: dict, n: int) -> str:
     rows = [*buckets(n), "overall", "tutor's stronger domain"]
     lines = [f"{'break-rate (feedback kept)':<28} {'cognizant':>22} {'incognizant':>22}"]
     for row in rows:
-        cells = [_pct(agg[c][row]["feedback"], "break_rate", "broken", "correct") for c in ("cognizant", "incognizant")]
+        cells = [percent(agg[c][row]["feedback"], "break_rate", "broken", "correct")
+                 for c in ("cognizant", "incognizant")]
         lines.append(f"{row:<28} {cells[0]:>22} {cells[1]:>22}")
     return "\n".join(lines)
 
@@ -95,6 +116,6 @@ def format_arms(agg: dict) -> str:
     for cls in ("cognizant", "incognizant"):
         for arm in ARMS:
             r = agg[cls]["overall"][arm]
-            lines.append(f"{cls:<12} {arm:<16} {_pct(r, 'break_rate', 'broken', 'correct'):>20} "
-                         f"{_pct(r, 'fix_rate', 'fixed', 'wrong'):>20}")
+            lines.append(f"{cls:<12} {arm:<16} {percent(r, 'break_rate', 'broken', 'correct'):>20} "
+                         f"{percent(r, 'fix_rate', 'fixed', 'wrong'):>20}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from .effects import ARMS, rates_of_counts
 from .feedback import OUTCOMES
 
 # Test-split scores take verl's validation name (verl's "val" is the held-out set SDPO reports); the
@@ -45,6 +46,27 @@ def scores_of(record: dict) -> dict[str, dict[str, float]]:
 
 def feedback_counts(record: dict) -> dict[str, int]:
     return {o: record.get(f"opcod/feedback/{o}", 0) for o in OUTCOMES}
+
+
+def effect_metrics(counts: dict[str, int] | None) -> dict:
+    """A step's feedback effects (effects.step_counts summed over ranks) under opcod/effects/:
+    the counts, and per arm the break-rate and fix-rate (None where nothing was counted)."""
+    if counts is None:
+        return {}
+    out = {f"opcod/effects/{k}": v for k, v in counts.items()}
+    for arm in ARMS:
+        r = rates_of_counts(counts, arm)
+        out[f"opcod/effects/{arm}/break_rate"] = r["break_rate"]
+        out[f"opcod/effects/{arm}/fix_rate"] = r["fix_rate"]
+    return out
+
+
+def effect_counts(record: dict) -> dict[str, int] | None:
+    """effects.step_counts back from a step record; None if the step did not measure them."""
+    if "opcod/effects/correct" not in record:
+        return None
+    return {k.removeprefix("opcod/effects/"): v for k, v in record.items()
+            if k.startswith("opcod/effects/") and not k.endswith("_rate")}
 
 
 def upgrade(record: dict, k: int = 0) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from . import prompts
 from .data import Problem
+from .effects import ARMS, context
 from .feedback import OutcomeCounts, anchor, names_letter
 from .grading import reward
 
@@ -66,6 +67,14 @@ def request_feedback(rollouts: Sequence[Rollout], allowed: Callable[[Rollout], b
     return counts
 
 
+def reprompt_ids(r: Rollout, solution: str | None, feedback: str | None, tokenizer, max_solution_tokens: int,
+                 max_feedback_tokens: int) -> list[int]:
+    """The self-teacher's prompt: r's question with a solution and/or feedback in context."""
+    user = prompts.reprompt_message(r.problem.prompt, solution, feedback, tokenizer, max_solution_tokens,
+                                    max_feedback_tokens)
+    return tokenizer.encode(prompts.render(tokenizer, prompts.messages(user)), add_special_tokens=False)
+
+
 def teacher_contexts(rollouts: Sequence[Rollout], tokenizer, max_solution_tokens: int,
                      max_feedback_tokens: int) -> None:
     """The teacher's prompt for every rollout that has a solution or feedback; others get none."""
@@ -73,10 +82,25 @@ def teacher_contexts(rollouts: Sequence[Rollout], tokenizer, max_solution_tokens
         if r.solution is None and r.feedback is None:
             r.teacher_prompt_ids = None
             continue
-        user = prompts.reprompt_message(r.problem.prompt, r.solution, r.feedback, tokenizer,
-                                        max_solution_tokens, max_feedback_tokens)
-        r.teacher_prompt_ids = tokenizer.encode(prompts.render(tokenizer, prompts.messages(user)),
-                                                add_special_tokens=False)
+        r.teacher_prompt_ids = reprompt_ids(r, r.solution, r.feedback, tokenizer, max_solution_tokens,
+                                            max_feedback_tokens)
+
+
+def reanswer(rollouts: Sequence[Rollout], generate, tokenizer, max_solution_tokens: int,
+             max_feedback_tokens: int) -> dict[str, dict[int, float]]:
+    """{arm: {rollout index: reward}}: the tutee answering again every rollout whose feedback was
+    kept, in each arm of effects.ARMS (the training teacher's context, the solution only, nothing).
+    `generate(prompts)` must sample every arm with one seed: each rollout's re-answers then share
+    their random stream, so the arms differ by their context rather than by luck."""
+    kept = [i for i, r in enumerate(rollouts) if r.outcome == "kept"]
+    post = {}
+    for arm in ARMS:
+        again = [reprompt_ids(rollouts[i], *context(rollouts[i], arm), tokenizer, max_solution_tokens,
+                              max_feedback_tokens) for i in kept]
+        outs = generate(again) if kept else []
+        post[arm] = {i: reward(tokenizer.decode(o, skip_special_tokens=True), rollouts[i].problem.answer)
+                     for i, o in zip(kept, outs)}
+    return post
 
 
 def make_rollouts(problems: Sequence[Problem], ids: Sequence[list[int]], responses: Sequence[list[int]],

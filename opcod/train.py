@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, report
+from . import checkpoint, effects, report
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, Problem
 from .distributed import (all_sum, device_of_rank, init_distributed, log, on_orphan, quiet_transformers,
@@ -27,14 +27,14 @@ from .feedback import OutcomeCounts
 from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
 from .grading import avg_at_k, reward
 from .adapters import is_peft, merged, scale_of
-from .metrics import score_record
+from .metrics import effect_metrics, score_record
 from .models import (AdapterFree, Student, apply_update, check_model_dir, compute_dtype, ema_update,
                      frozen_student, init_optimizer_state, load_student, load_tokenizer, make_optimizer,
                      move_optimizer_state, relocate, storage_device)
 from .plan import Shape
 from .rundir import RunLock, check_config
 from .step import (distill_backward, grpo_backward, group_advantages, loss_denominator, make_rollouts,
-                   old_logprobs, prompt_ids, request_feedback, self_anchors, teacher_contexts)
+                   old_logprobs, prompt_ids, reanswer, request_feedback, self_anchors, teacher_contexts)
 from .trackers import Trackers, check_installed
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
@@ -252,6 +252,17 @@ class CoDistillation:
                 self.ensure("rollout", tutee)  # a shared engine switches back before the next use
         t_fb = time.perf_counter()
 
+        # (diagnostic) the feedback's effect: the tutee re-answers in each arm, before its update
+        effect_counts = None
+        if cfg.logging.feedback_effects and cfg.method == "opcod":
+            reanswer_seed = seed_for(seed, 2)
+            post = reanswer(rollouts, lambda prompts: self.engines.generate(
+                "rollout", prompts, self.sampling(cfg.rollout), reanswer_seed), self.tokenizer,
+                cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+            local = effects.step_counts(effects.records_of(rollouts, post, n))
+            effect_counts = dict(zip(local, map(int, all_sum(list(local.values()), self.device))))
+        t_eff = time.perf_counter()
+
         # 3. the update: self-distillation towards the teacher contexts (GRPO: group-relative PG)
         self.engines.sleep_for_update()
         if cfg.method == "grpo":
@@ -302,9 +313,11 @@ class CoDistillation:
                 "self_distillation/success_group_fraction": solved_groups / group_count,
                 "self_distillation/feedback_used_fraction": with_feedback / count,
                 "self_distillation/reprompt_sample_fraction": with_teacher / count,
-                "timing_s/gen": t_gen - t0, "timing_s/feedback": t_fb - t_gen, "timing_s/update_actor": t_bwd - t_fb,
+                "timing_s/gen": t_gen - t0, "timing_s/feedback": t_fb - t_gen, "timing_s/effects": t_eff - t_fb,
+                "timing_s/update_actor": t_bwd - t_eff,
                 "timing_s/update_weights": t_sync - t_bwd, "timing_s/step": t_sync - t0,
-                "perf/throughput": (tokens + prompt_tokens) / (t_sync - t0) / self.world,  # tokens/s per rank
+                # tokens/s per rank, the diagnostic's re-answers left out
+                "perf/throughput": (tokens + prompt_tokens) / (t_sync - t0 - (t_eff - t_fb)) / self.world,
                 # The trainer's own peaks since the run started (engines are other processes).
                 "perf/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 "perf/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
@@ -315,7 +328,8 @@ class CoDistillation:
                 # Kept feedback that still names the gold letter (an ordinary mention, or a leak).
                 "opcod/feedback_leak_rate": leaks / counts["kept"] if counts["kept"] else None,
                 "opcod/distinct_rollout_fraction": distinct / count,
-                "opcod/sync_gb_s": stats.gb_per_s if stats else None, "opcod/sync_bytes": stats.bytes if stats else 0}
+                "opcod/sync_gb_s": stats.gb_per_s if stats else None, "opcod/sync_bytes": stats.bytes if stats else 0,
+                **effect_metrics(effect_counts)}
 
     def distill_update(self, student, tutee: str, rollouts, opt) -> tuple[float, list]:
         """One optimizer step on the self-distillation loss; a non-finite loss or gradient norm

@@ -74,6 +74,54 @@ def test_break_and_fix_rates_by_hand():
     assert list(buckets(16)) == ["very easy (0-2)", "easy (0-8)", "hard (9-15)", "hardest (15)"]
 
 
+def test_step_counts_add_over_ranks_and_steps_to_the_pooled_rates():
+    """What a run logs per step (counts summed over ranks) gives the rates of the pooled records,
+    and survives the step record's names."""
+    from opcod.effects import rates, rates_of_counts, step_counts
+    from opcod.metrics import effect_counts, effect_metrics
+    recs = _records([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 1, 1]],
+                    {"feedback": [[1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]],
+                     "solution": [[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1]],
+                     "nothing": [[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 1]]})
+    parts = [step_counts(recs[:5]), step_counts(recs[5:9]), step_counts(recs[9:])]   # ranks or steps
+    summed = {k: sum(p[k] for p in parts) for k in parts[0]}
+    # by hand, feedback arm: 6 correct, 2 broke (the second and the last); 6 wrong, 5 fixed
+    assert rates_of_counts(summed, "feedback") == {"correct": 6, "broken": 2, "break_rate": 2 / 6,
+                                                   "wrong": 6, "fixed": 5, "fix_rate": 5 / 6}
+    for arm in ARMS:
+        assert rates_of_counts(summed, arm) == rates(recs, arm)
+    logged = effect_metrics(summed)
+    assert logged["opcod/effects/nothing/break_rate"] == rates(recs, "nothing")["break_rate"]
+    assert effect_counts(logged) == summed and effect_counts({"kind": "step"}) is None
+    assert effect_metrics(None) == {}
+    none = rates_of_counts(step_counts([]), "feedback")
+    assert none["break_rate"] is None and none["fix_rate"] is None
+
+
+def test_reanswer_gives_each_arm_its_context_and_grades_only_kept_rollouts(tokenizer):
+    """The feedback arm's prompt is the training teacher's prompt; the solution arm drops the
+    feedback, the nothing arm both; rollouts whose feedback was not kept are not re-answered."""
+    from opcod.step import Rollout, reanswer, teacher_contexts
+    p = synthetic.generate("chemistry", 1, seed=3)[0]
+    wrong = next(label for label, _ in p.options if label != p.answer)
+    critique = "Recall the group of this element and what that group is called."
+    rollouts = [Rollout(p, [1], [2], f"<answer>{a}</answer>", float(a == p.answer), solution=p.solution,
+                        feedback=critique if outcome == "kept" else None, outcome=outcome)
+                for a, outcome in ((wrong, "kept"), (p.answer, "kept"), (wrong, "no_match"))]
+    seen = []
+
+    def generate(prompts):   # answers right exactly when the critique is in context
+        seen.append([tokenizer.decode(x) for x in prompts])
+        return [tokenizer.encode(f"<answer>{p.answer if critique in t else wrong}</answer>") for t in seen[-1]]
+    post = reanswer(rollouts, generate, tokenizer, 512, 512)
+    assert list(post) == list(ARMS) and all(set(v) == {0, 1} for v in post.values())
+    assert post["feedback"] == {0: 1.0, 1: 1.0} and post["solution"] == post["nothing"] == {0: 0.0, 1: 0.0}
+    teacher_contexts(rollouts, tokenizer, 512, 512)
+    assert seen[0][0] == tokenizer.decode(rollouts[0].teacher_prompt_ids)
+    assert p.solution in seen[1][0] and critique not in seen[1][0]
+    assert p.solution not in seen[2][0] and critique not in seen[2][0] and p.prompt in seen[2][0]
+
+
 def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
     same = {a: [[1, 1, 0, 0]] for a in ARMS}
     broke = {**same, "feedback": [[0, 1, 0, 0]]}
@@ -134,6 +182,15 @@ def test_analyze_run_and_compare_on_a_real_run(demo_run, capsys):
     assert "round 1:" in out and (run_dir / "analysis" / "anchoring.png").is_file()
     report = json.loads((run_dir / "analysis" / "report.json").read_text())
     assert report["steps_fb_on"] + report["steps_fb_off"] == 8
+    # feedback effects: one row per arm for every phase that measured them, summed over its steps
+    assert "feedback effects" in out and "fix-rate" in out
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    assert len(report["feedback_effects"]) == 4
+    for e in report["feedback_effects"]:
+        phase = [s for s in steps if (s["opcod/round"], s["opcod/tutee"]) == (e["round"], e["tutee"])]
+        for arm, r in e["arms"].items():
+            assert r["correct"] == sum(s["opcod/effects/correct"] for s in phase)
+            assert r["fixed"] == sum(s[f"opcod/effects/{arm}/fixed"] for s in phase)
     assert analyze_main(["compare", str(run_dir), str(run_dir)]) == 0
     cmp = compare_runs([run_dir, run_dir])
     for info in cmp["students"].values():  # a run never dominates an identical one

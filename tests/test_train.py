@@ -164,6 +164,14 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
                for s in steps)
     assert any(s["actor/pg_loss"] > 0 for s in steps)
     assert any(s["self_distillation/reprompt_sample_fraction"] > 0 for s in steps)
+    # The default measures the feedback's effect each step: every kept-feedback rollout re-answered
+    # in each arm, and nothing else.
+    for s in steps:
+        assert s["opcod/effects/correct"] + s["opcod/effects/wrong"] == s["opcod/feedback/kept"]
+        for arm in ("feedback", "solution", "nothing"):
+            assert 0 <= s[f"opcod/effects/{arm}/broken"] <= s["opcod/effects/correct"]
+            assert 0 <= s[f"opcod/effects/{arm}/fixed"] <= s["opcod/effects/wrong"]
+    assert any(s["opcod/feedback/kept"] > 0 for s in steps)
     scores = [x for x in lines if x["kind"] == "test"]
     assert set(scores[0]) >= {f"val-core/{n}/{d}/acc/mean@2" for n in ("chem_student", "phys_student")
                               for d in ("chemistry", "physics")}
@@ -268,11 +276,14 @@ def test_sigkill_of_the_whole_tree_at_a_random_point_resumes_bit_identically(dem
 
 def test_a_killed_launcher_leaves_no_writer_and_one_writer_at_a_time(demo_run, demo_env):
     """SIGKILL to torchrun alone: its workers stop within seconds (before, they ran on and wrote
-    checkpoints beside a rerun). While a run writes, a second launcher on its directory is refused."""
+    checkpoints beside a rerun). While a run writes, a second launcher on its directory is refused.
+    This run leaves out the feedback-effects diagnostic that the full run measured: the weights
+    must still come out bit-identical (the diagnostic's generations draw on no shared randomness)."""
     full_dir, _ = demo_run
     out = full_dir.parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "opcod.train", f"output_dir={out}", "run_name=orphaned", *DEMO_SHORT]  # two launchers at once
+           "opcod.train", f"output_dir={out}", "run_name=orphaned", *DEMO_SHORT,
+           "logging.feedback_effects=false"]  # --standalone: two launchers at once
     log = open(out / "orphaned.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=demo_env, start_new_session=True)
     try:
@@ -295,6 +306,8 @@ def test_a_killed_launcher_leaves_no_writer_and_one_writer_at_a_time(demo_run, d
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "orphaned", "launcher killed: ")
+    steps = [json.loads(x) for x in (out / "orphaned" / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert not any("opcod/effects/correct" in s for s in steps)
 
 
 def test_a_finished_run_is_reused_only_under_the_same_config(demo_run, demo_env):
