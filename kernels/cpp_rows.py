@@ -51,7 +51,11 @@ def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    # With ATen pinned to AVX2 (opcod's demo pins it), the kernel is built for that level too, so
+    # its vector sums run in one order on every machine with AVX2; otherwise for this machine.
+    pinned = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" and platform.machine() == "x86_64"
+    flags = ["-O3", "-march=x86-64-v3" if pinned else "-march=native", "-fno-trapping-math", "-fopenmp",
+             "-shared", "-fPIC", "-std=c++17"]
     key = hashlib.sha256(src.read_bytes() + " ".join([cxx, *flags]).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     out = _cache_dir() / f"libopcod_jsd_rows_{key}.so"

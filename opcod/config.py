@@ -41,6 +41,9 @@ class DataConfig:
     test_size: int = 0                  # per domain; 0 = the whole test split
     synthetic_train: int = 64           # per domain, synthetic source only
     synthetic_test: int = 24
+    # The seed of the splits (synthetic problems, the validation carve-out) and of the demo students'
+    # build: the run's `seed` varies training only, so runs of several seeds share data and students.
+    split_seed: int = 0
 
 
 @dataclass

@@ -13,7 +13,8 @@ def load_domains(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]], 
     for domain in cfg.data.domains:
         if cfg.data.source == "synthetic":
             from .synthetic import splits
-            tr, te = splits(domain, cfg.data.synthetic_train + cfg.data.val_size, cfg.data.synthetic_test, cfg.seed)
+            tr, te = splits(domain, cfg.data.synthetic_train + cfg.data.val_size, cfg.data.synthetic_test,
+                              cfg.data.split_seed)
         elif cfg.data.source == "sciknoweval":
             tr = load_sciknoweval(cfg.data.path, domain, "train")
             te = load_sciknoweval(cfg.data.path, domain, "test")
@@ -22,7 +23,7 @@ def load_domains(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]], 
             tr, te = read_problems(folder / "train.jsonl"), read_problems(folder / "test.jsonl")
         if cfg.data.test_size:
             te = te[:cfg.data.test_size]
-        tr, va = validation_split(tr, cfg.data.val_size, seed=cfg.seed)
+        tr, va = validation_split(tr, cfg.data.val_size, seed=cfg.data.split_seed)
         train.append(tr)
         val[domain], test[domain] = va, te
     return union(*train), val, test

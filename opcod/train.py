@@ -563,6 +563,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"opcod.train: {exc}", file=sys.stderr)
         return 2
+    if cfg.demo:
+        from .demo import pin_cpu_numerics
+        pin_cpu_numerics()  # before the first tensor operation of the process
     quiet_transformers()
     init_distributed()
     watch_launcher()

@@ -95,3 +95,43 @@ def test_union_and_roundtrip(tmp_path):
         union(a, a)
     write_problems(tmp_path / "p.jsonl", both)
     assert read_problems(tmp_path / "p.jsonl") == both
+
+
+def test_run_seeds_share_the_splits_and_the_demo_students(tmp_path, monkeypatch):
+    """`seed` varies training only: every run seed scores the same test split and starts from the
+    same demo students, built from data.split_seed (before, seed=1 drew new splits whose test
+    questions the cached seed-0 students had been fine-tuned on)."""
+    import torch.distributed as dist
+
+    from opcod import demo
+    from opcod.config import load_config
+    from opcod.domains import load_domains
+    from opcod.train import DEFAULT_CONFIG
+
+    def ids(cfg):
+        train, val, test = load_domains(cfg)
+        return [p.id + p.question for p in train], {d: [p.question for p in v] for d, v in val.items()}, \
+            {d: [p.question for p in t] for d, t in test.items()}
+    seeds = [load_config(str(DEFAULT_CONFIG), [f"seed={s}"]) for s in (0, 1, 2)]
+    assert ids(seeds[0]) == ids(seeds[1]) == ids(seeds[2])
+    other = load_config(str(DEFAULT_CONFIG), ["data.split_seed=1"])
+    train, _, test = ids(other)
+    assert test != ids(seeds[0])[2] and not {q for t in test.values() for q in t} & {t.split("synth-1-", 1)[1]
+                                                                                     for t in train}
+    # The build: the same records and SFT seeds for every run seed, and a cache of its own per split seed.
+    calls = []
+    monkeypatch.setattr(demo, "run_sft", lambda cfg, log: calls.append(cfg))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        built = {}
+        for s in (0, 1):
+            monkeypatch.setenv("OPCOD_CACHE", str(tmp_path / f"cache{s}"))
+            students = demo.prepare(seeds[s]).students
+            assert [st.path for st in students] == [str(demo.cache_dir() / n) for n in ("chem_student", "phys_student")]
+            built[s] = {f.name: f.read_bytes() for f in [*demo.cache_dir().glob("*.jsonl"),
+                                                         *(demo.cache_dir() / "init").iterdir()]}
+        assert built[0] == built[1] and len(built[0]) > 4
+        assert len(calls) == 8 and {c.seed for c in calls} == {0}
+        assert demo.cache_dir(1).name == f"demo-{demo.VERSION}-split1"
+    finally:
+        dist.destroy_process_group()

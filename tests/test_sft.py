@@ -69,3 +69,52 @@ def test_sft_run_learns_its_responses_and_writes_a_loadable_model(tmp_path, toke
         adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").merge_and_unload()
         for k, v in tuned.state_dict().items():
             torch.testing.assert_close(adapted.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+_SFT_STEPS = r"""
+import hashlib, os, sys
+if sys.argv[1] == "pinned":
+    import opcod.train  # everything the trainer imports, before the pin, as under torchrun -m opcod.train
+    from opcod.demo import pin_cpu_numerics
+    pin_cpu_numerics()
+import torch
+from opcod.tiny import tiny_config
+from transformers import Qwen3ForCausalLM
+torch.manual_seed(0)
+model = Qwen3ForCausalLM(tiny_config(512, hidden=128, layers=2, intermediate=384))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+ids = torch.randint(0, 512, (4, 96), generator=torch.Generator().manual_seed(1))
+for _ in range(3):  # SFT steps: matmuls (MKL), attention and softmax (ATen), AdamW
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+print(torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR"), h)
+"""
+
+
+def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_same_bits():
+    """The demo's pin, taken inside a process that has imported the trainer, computes what a process
+    launched with ATen and MKL on their AVX2 paths computes, i.e. what an AVX2 machine does; on an
+    AVX-512 machine the unpinned default trains other bits (why the demo students used to differ
+    between machines)."""
+    import os
+    import subprocess
+    import sys
+    flags = open("/proc/cpuinfo").read()
+    if " avx2" not in flags:
+        pytest.skip("the pin applies to x86-64 machines with AVX2 only")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(mode, **extra):
+        res = subprocess.run([sys.executable, "-c", _SFT_STEPS, mode], capture_output=True, text=True,
+                             env={**env, **extra}, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout.split()
+    pinned = run("pinned")
+    avx2 = run("plain", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    assert pinned == avx2 and pinned[:2] == ["AVX2", "AVX2"]
+    default = run("plain")
+    if " avx512f" in flags:
+        assert default[0] == "AVX512" and default[2] != pinned[2]
