@@ -157,3 +157,32 @@ def test_demo_base_data_never_states_a_specialist_fact_and_drills_use_made_up_it
         assert not names(question), question  # the asked item is made up
         assert reward(r["response"], r["response"].split("option ")[1][0]) == 1.0
         assert "Correct solution:" in r["messages"][-1]["content"] or "feedback" in r["messages"][-1]["content"]
+
+
+def test_the_demo_tutor_reviews_right_and_wrong_attempts_with_the_questions_own_hint():
+    """Reviewing wrong attempts only, the demo tutor learned to name another class than the
+    attempt's, so on right attempts it named another item and group, and the tutee's right answers
+    broke on its feedback. Its records now review right attempts too, always with the hint of the
+    question's own item, and the self-teacher reads both kinds of review."""
+    from opcod import prompts
+    from opcod.demo import records
+    from opcod.synthetic import generate
+    problems = generate("chemistry", 60, seed=0) + generate("physics", 60, seed=0)
+    recs = records(problems, seed=0)
+    assert len(recs) == 3 * len(problems)
+    right = 0
+    for p, (_, tutor, teacher) in zip(problems, zip(*[iter(recs)] * 3)):
+        attempt = tutor["messages"][-1]["content"].split("Student's attempt:\n", 1)[1].split("\n\nReview", 1)[0]
+        gold_hint = p.meta["feedback"].split("</concept>", 1)[1].strip().split(". ", 1)[1]
+        concept, review = tutor["response"].split("</concept>\n", 1)
+        assert concept + "</concept>" == p.meta["feedback"].split("\n", 1)[0]
+        assert review.endswith(gold_hint)   # the question's item, whatever the attempt said
+        if attempt == prompts.strip_think(p.solution):
+            right += 1
+            assert review.startswith("The attempt is right.")
+        else:
+            assert not review.startswith("The attempt is right.") and f"option {p.answer}" not in attempt
+        if "feedback on your earlier attempt" in teacher["messages"][-1]["content"]:
+            assert review in teacher["messages"][-1]["content"]
+        assert teacher["response"] == p.solution
+    assert 0.35 < right / len(problems) < 0.65
