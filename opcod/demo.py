@@ -39,20 +39,24 @@ ROLES_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.0
 DOMAIN_SFT = dict(epochs=3, lr=5e-4, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
+def avx2_machine() -> bool:
+    """Whether this is an x86-64 machine whose CPU has AVX2 (the machines the demo pins)."""
+    import platform
+    if platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
 def pin_cpu_numerics() -> None:
     """The demo's CPU kernels take their AVX2 paths on every x86-64 machine that has AVX2: ATen's
     vectorized kernels (softmax and attention sum in another order with AVX-512) and MKL's BLAS
     (MKL_CBWR, its reproducibility mode), so machines of other instruction sets build the same
     students. Call before the process's first tensor operation; a value already set wins."""
-    import platform
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            has_avx2 = any(line.startswith("flags") and " avx2" in line for line in f)
-    except OSError:
-        return
-    if not has_avx2:
+    if not avx2_machine():
         return
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     os.environ.setdefault("MKL_CBWR", "AVX2")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import torchrun
+from opcod.demo import avx2_machine
 
 
 def test_lora_merge_matches_peft_merge_and_unload_in_float64(tokenizer, tmp_path):
@@ -93,6 +94,8 @@ print(torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR"), h)
 """
 
 
+@pytest.mark.skipif(not avx2_machine(),
+                    reason="the demo pins CPU kernels on x86-64 machines with AVX2 only")
 def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_same_bits():
     """The demo's pin, taken inside a process that has imported the trainer, computes what a process
     launched with ATen and MKL on their AVX2 paths computes, i.e. what an AVX2 machine does; on an
@@ -102,8 +105,6 @@ def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_s
     import subprocess
     import sys
     flags = open("/proc/cpuinfo").read()
-    if " avx2" not in flags:
-        pytest.skip("the pin applies to x86-64 machines with AVX2 only")
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     env["OMP_NUM_THREADS"] = "1"
 
