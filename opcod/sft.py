@@ -48,6 +48,22 @@ def encode(records: list[dict], tokenizer, max_tokens: int) -> list[tuple[list[i
     return out
 
 
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch's batches of example indices: a seeded shuffle, with group_by_length sorted by
+    length within windows of 8 batches and the batches shuffled again (the short one stays last)."""
+    rng = random.Random(seed)
+    order = rng.sample(range(len(lengths)), len(lengths))
+    if not group_by_length:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    window = 8 * batch_size
+    order = [i for w in range(0, len(order), window)
+             for i in sorted(order[w:w + window], key=lambda i: lengths[i], reverse=True)]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    whole = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(whole)
+    return whole + [b for b in batches if len(b) < batch_size]
+
+
 def run_sft(cfg: SFTConfig, log=print) -> Path:
     """Fine-tune cfg.model on cfg.data and write cfg.output; runs inside an initialised process group."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -73,11 +89,12 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=total, desc=f"sft {Path(cfg.data).stem}", unit="step", leave=False)
+    lengths = [len(p) + len(r) for p, r in examples]
     for epoch in range(cfg.epochs):
-        order = random.Random(cfg.seed * 1000 + epoch).sample(range(len(examples)), len(examples))
         running = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            batch = [examples[i] for i in order[start:start + cfg.batch_size]]
+        for indices in epoch_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch, cfg.group_by_length):
+            batch = [examples[i] for i in indices]
+            # sorted by length, the ranks' interleaved shares are about equally long: none waits
             mine = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
             weight = 1.0 if batch[rank::world] else 0.0
             ids, mask, index = pack(mine, tokenizer.pad_token_id, device)
