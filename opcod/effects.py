@@ -64,14 +64,16 @@ def records_of(rollouts, post: dict[str, dict[int, float]], n: int) -> list[Reco
 
 def aggregate(pairs: Sequence[dict], n: int) -> dict:
     """Pool the pairs' records by the tutor's cognizance (the paper's aggregate over domain pairs),
-    overall, per difficulty bucket and on problems of the tutor's stronger domain."""
+    overall, per difficulty bucket and on problems of the tutor's stronger and weaker domains."""
     out = {}
     for cls in ("cognizant", "incognizant"):
         chosen = [p for p in pairs if p["tutor"]["cognizant"] == (cls == "cognizant")]
         recs = [r for p in chosen for r in p["records"]]
-        stronger = [r for p in chosen for r in p["records"] if r.domain in p["tutor"]["stronger_domains"]]
-        out[cls] = {"pairs": len(chosen), **effects(recs, n),
-                    "tutor's stronger domain": {a: rates(stronger, a) for a in ARMS}}
+        out[cls] = {"pairs": len(chosen), **effects(recs, n)}
+        for side in ("stronger", "weaker"):
+            part = [r for p in chosen for r in p["records"]
+                    if (r.domain in p["tutor"]["stronger_domains"]) == (side == "stronger")]
+            out[cls][f"tutor's {side} domain"] = {a: rates(part, a) for a in ARMS}
     return out
 
 
@@ -111,11 +113,13 @@ def format_table2(agg: dict, n: int) -> str:
 
 def format_arms(agg: dict) -> str:
     """Break- and fix-rate per arm: the feedback's effect beside re-answering with the solution only
-    and with nothing."""
-    lines = [f"{'tutor':<12} {'re-answer with':<16} {'break-rate':>20} {'fix-rate':>20}"]
+    and with nothing, on all problems and on those of the tutor's stronger and weaker domains (a
+    tutor that knows less of a domain can only mislead there)."""
+    lines = [f"{'tutor':<12} {'problems':<24} {'re-answer with':<16} {'break-rate':>20} {'fix-rate':>20}"]
     for cls in ("cognizant", "incognizant"):
-        for arm in ARMS:
-            r = agg[cls]["overall"][arm]
-            lines.append(f"{cls:<12} {arm:<16} {percent(r, 'break_rate', 'broken', 'correct'):>20} "
-                         f"{percent(r, 'fix_rate', 'fixed', 'wrong'):>20}")
+        for part in ("overall", "tutor's stronger domain", "tutor's weaker domain"):
+            for arm in ARMS:
+                r = agg[cls][part][arm]
+                lines.append(f"{cls:<12} {part:<24} {arm:<16} {percent(r, 'break_rate', 'broken', 'correct'):>20} "
+                             f"{percent(r, 'fix_rate', 'fixed', 'wrong'):>20}")
     return "\n".join(lines)

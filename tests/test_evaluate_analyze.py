@@ -135,9 +135,15 @@ def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
     assert agg["cognizant"]["overall"]["feedback"]["break_rate"] == 1 / 4   # pooled: 1 of 4 correct broke
     assert agg["cognizant"]["tutor's stronger domain"]["feedback"]["break_rate"] == 0   # physics only
     assert agg["incognizant"]["tutor's stronger domain"]["feedback"]["break_rate"] == 1 / 2
+    assert agg["cognizant"]["tutor's weaker domain"]["feedback"]["break_rate"] == 1 / 2   # chemistry only
+    assert agg["cognizant"]["tutor's weaker domain"]["solution"]["break_rate"] == 0
+    assert agg["incognizant"]["tutor's weaker domain"]["feedback"]["correct"] == 0   # it has no weaker one here
     table = format_table2(agg, 4)
     assert "very easy (0-1)" in table and "25.0% (1/4)" in table and "50.0% (1/2)" in table
-    assert "solution" in format_arms(agg) and "fix-rate" in format_arms(agg)
+    arms = format_arms(agg)
+    assert "solution" in arms and "fix-rate" in arms
+    assert [line.split()[-4] for line in arms.splitlines() if line.startswith("cognizant") and "weaker" in line] \
+        == ["50.0%", "0.0%", "0.0%"]   # the break-rates of feedback, solution and nothing there
 
 
 def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path):
