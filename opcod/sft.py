@@ -94,7 +94,7 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
         running = 0.0
         for indices in epoch_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch, cfg.group_by_length):
             batch = [examples[i] for i in indices]
-            # sorted by length, the ranks' interleaved shares are about equally long: none waits
+            # grouped by length, the ranks' interleaved shares are about equally long: none waits
             mine = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
             weight = 1.0 if batch[rank::world] else 0.0
             ids, mask, index = pack(mine, tokenizer.pad_token_id, device)
