@@ -19,7 +19,7 @@ from .sft import run_sft
 from .synthetic import textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
-VERSION = "v6"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
+VERSION = "v7"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
 # The base learns in two stages. Answering is the slow skill: mixed with the tutor and teacher
 # records from the start, it learned less in twice the steps. So it first reads the worked
@@ -30,12 +30,16 @@ BOOK_REPEATS = 2  # the textbook also states the facts of items no train questio
 # Then the roles: the tutor's feedback, and the self-teacher with a solution, feedback or both in
 # its context, with drills on made-up items so that it learns to read that context.
 TEACHER_DRILLS = 320
+RIGHT_REVIEWS = 1 / 3  # the share of the tutor's training reviews that are of right attempts (see records)
 ROLES_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.05)
 # Each student then reads its own domain's worked solutions, roles and whole textbook: enough to
 # learn the specialist facts (LoRA at this size learned them for train questions only), gentle
 # enough to keep the other domain (at lr 1e-3 a student lost half of it). It also rereads the other
 # domain's common records and textbook: without them the physics student scored 50.6 % on
-# chemistry validation questions (its base 52.5 %), with them 70.6 % (avg@8, one build).
+# chemistry validation questions (its base 52.5 %), with them 70.6 % (avg@8, one build). One more
+# review of a wrong attempt per own-domain problem (more_reviews) taught the tutor its specialist
+# facts: on the other student's wrong attempts, its hint named the right fact 14 and 11 of 16 times
+# (chemistry, physics tutor) against 5 and 7 of 16 without it (v7, same recipe otherwise).
 DOMAIN_SFT = dict(epochs=3, lr=5e-4, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 
 
@@ -83,27 +87,47 @@ def records(problems, seed: int) -> list[dict]:
     out = []
     for p in problems:
         concept, critique = p.meta["feedback"].split("</concept>", 1)
-        # Half the reviews are of right attempts, confirmed with the same hint. Reviewing wrong ones
-        # only, the tutor learned that its hint names another class than the attempt's: on right
-        # attempts it named another item and group ("put astatine in the wrong family. It is in
-        # group 17" on a caesium question), and the tutee's right answers broke at 24 % with that
-        # feedback against 3 % with the solution alone.
-        if rng.random() < 0.5:
+        # A third of the reviews are of right attempts, confirmed with the same hint. Reviewing
+        # wrong ones only (v5), the tutor named another item and group on right attempts; reviewing
+        # half right ones with the verdict first (v6), it called 29 of 39 wrong attempts right and
+        # copied their hint, which fitted half its records. The review now opens with the hint, in
+        # the textbook's words for the <concept> topic it has just named (synthetic.py), so the
+        # tutor recalls it as it recalls the textbook, and its verdict comes last.
+        if rng.random() < RIGHT_REVIEWS:
             attempt, review = p.solution, confirmation(critique.strip())
         else:
             attempt, review = wrong_attempt(p, rng), critique.strip()
         out.append(solution_record(p))
-        out.append({"messages": prompts.tutor_messages(p.prompt, attempt),
-                    "response": f"{concept}</concept>\n{review}"})
+        out.append(review_record(p, attempt, concept, review))
         solution, feedback = rng.choice([(p.solution, None), (None, review), (p.solution, review)])
         out.append({"messages": prompts.messages(prompts.reprompt_message(p.prompt, solution, feedback)),
                     "response": p.solution})
     return out
 
 
+def review_record(p, attempt: str, concept: str, review: str) -> dict:
+    return {"messages": prompts.tutor_messages(p.prompt, attempt), "response": f"{concept}</concept>\n{review}"}
+
+
+def more_reviews(problems, seed: int) -> list[dict]:
+    """One more tutor review per problem, of a wrong attempt: a student learns to recall its own
+    domain's facts as a tutor, after the question's concept, from more than one record each."""
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        concept, critique = p.meta["feedback"].split("</concept>", 1)
+        out.append(review_record(p, wrong_attempt(p, rng), concept, critique.strip()))
+    return out
+
+
 def confirmation(critique: str) -> str:
-    """A critique's hint, said of a right attempt: "The attempt is right. It is in group 1; ..."."""
-    return "The attempt is right. " + critique.split(". ", 1)[1]
+    """A critique's hint, said of a right attempt: "It is in group 1; ... The attempt is right."."""
+    return hint(critique) + " The attempt is right."
+
+
+def hint(critique: str) -> str:
+    """A critique's first part, the hint it recalls for the question's item (its verdict follows)."""
+    return critique.split(" The attempt ", 1)[0]
 
 
 def made_up_name(rng: random.Random, like: str) -> str:
@@ -190,8 +214,9 @@ def prepare(cfg: Config) -> Config:
         for d in domains:
             others = [o for o in domains if o != d]
             replay = records([p for o in others for p in by_domain[o] if p.meta["common"]], seed + 2)
-            _write(root / f"{d}.jsonl", records(by_domain[d], seed + 1) + book([d], False) * BOOK_REPEATS
-                   + replay + book(others, True))
+            _write(root / f"{d}.jsonl", records(by_domain[d], seed + 1) + more_reviews(by_domain[d], seed + 3)
+                   + book([d], False) * BOOK_REPEATS
+                   + replay + book(others, True) * BOOK_REPEATS)
     dist.barrier()
     whole = dict(seed=seed, reshard_after_forward=False)  # a tiny student's weights stay gathered
     run_sft(SFTConfig(model=str(root / "init"), output=str(root / "reader"), data=str(root / "knowledge.jsonl"),

@@ -11,7 +11,9 @@ and each worked solution first states a hint (a group number, base units, what a
 and then the class it implies, without naming the item ("It is in group 17, the halogens."):
 copying a many-token name out of the question was where the tiny model failed most. The tutor
 critiques give that hint, never the class itself, so useful feedback is knowledge the tutee
-lacks rather than the answer.
+lacks rather than the answer. A critique opens with its fact in the textbook's words, cut before
+the class ("It is in group 17; recall what that group is called."), and closes with its verdict
+on the attempt.
 """
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ FAMILIES: dict[str, list[Family]] = {
                 "Name the group of the periodic table that contains {name}.",
                 "Which group is {name} a member of?"),
                "It is in {number}, the {group}.", "group of {name}",
-               "The attempt put {name} in the wrong family. It is in {number}; recall what that group is called."),
+               "It is in {number}; recall what that group is called. The attempt put {name} in the wrong family."),
         Family("symbol_group", ELEMENTS, [c for c, _ in GROUPS], _element, "sym",
                ("The element with the chemical symbol {sym} belongs to which group?",
                 "Which group of the periodic table holds the element {sym}?",
@@ -155,8 +157,7 @@ FAMILIES: dict[str, list[Family]] = {
                 "Which family does the element {sym} belong to?",
                 "Name the group of the element with symbol {sym}."),
                "It is in {number}, the {group}.", "element {sym}",
-               "The attempt misread the chemical symbol. It is {name}, in {number}; recall what that group "
-               "is called."),
+               "It is in {number}; recall what that group is called. The attempt misread the chemical symbol."),
         Family("ion_charge", ELEMENTS, ION_CHARGES, _element, "name",
                ("What charge does the usual ion of {name} carry?",
                 "Which charge has the ion that {name} usually forms?",
@@ -164,8 +165,8 @@ FAMILIES: dict[str, list[Family]] = {
                 "What is the charge of a {name} ion?",
                 "Which ion charge is typical of {name}?"),
                "It is in {number}, so the charge of its usual ion is {charge}.", "ion of {name}",
-               "The attempt gave {name} the ion charge of another group. It is in {number}; count the "
-               "electrons it gains or loses to fill its outer shell."),
+               "It is in {number}; count the electrons it gains or loses to fill its outer shell. The attempt "
+               "gave {name} the ion charge of another group."),
         Family("compound_class", COMPOUNDS, [k for k, _ in COMPOUND_CLASSES],
                lambda row: dict(formula=row[0], hint=COMPOUND_CLASSES[row[1]][1],
                                 a_class=_a(COMPOUND_CLASSES[row[1]][0])), "formula",
@@ -175,7 +176,7 @@ FAMILIES: dict[str, list[Family]] = {
                 "To which class of compounds does {formula} belong?",
                 "Classify the compound {formula}."),
                "It {hint}, so it is {a_class}.", "compound {formula}",
-               "The attempt misclassified the compound. It {hint}; classify it by that."),
+               "It {hint}; classify it by that. The attempt misclassified the compound."),
     ],
     "physics": [
         Family("si_unit", QUANTITIES, [name for name, _, _ in UNITS], _quantity, "quantity",
@@ -185,8 +186,8 @@ FAMILIES: dict[str, list[Family]] = {
                 "Name the SI unit of {quantity}.",
                 "Which unit does the SI system use for {quantity}?"),
                "It is measured in {base}, which is the {unit}.", "SI unit of {quantity}",
-               "The attempt picked the unit of a different quantity. In base units it is measured in "
-               "{base}; name that unit."),
+               "It is measured in {base}; name that unit. The attempt picked the unit of a different "
+               "quantity."),
         Family("unit_symbol", QUANTITIES, [sym for _, sym, _ in UNITS], _quantity, "quantity",
                ("Which symbol denotes the SI unit of {quantity}?",
                 "The SI unit of {quantity} has which symbol?",
@@ -194,8 +195,8 @@ FAMILIES: dict[str, list[Family]] = {
                 "What is the symbol of the SI unit of {quantity}?",
                 "Which symbol stands for the SI unit of {quantity}?"),
                "It is measured in {base}, which is the {unit}, symbol {sym}.", "symbol of the unit of {quantity}",
-               "The attempt picked the symbol of a different unit. In base units it is measured in "
-               "{base}; name that unit and its symbol."),
+               "It is measured in {base}; name that unit and its symbol. The attempt picked the symbol of "
+               "a different unit."),
         Family("branch", TOPICS, [name for name, _ in BRANCHES],
                lambda row: dict(topic=row[0], about=BRANCHES[row[1]][1], branch=BRANCHES[row[1]][0]), "topic",
                ("Which branch of physics studies {topic}?",
@@ -204,8 +205,8 @@ FAMILIES: dict[str, list[Family]] = {
                 "Which area of physics covers {topic}?",
                 "Name the branch of physics that deals with {topic}."),
                "It is about {about}, which is {branch}.", "{topic} in physics",
-               "The attempt chose the wrong branch. The study of {topic} is about {about}; pick the branch "
-               "of physics that studies those."),
+               "It is about {about}; pick the branch of physics that studies those. The attempt chose the "
+               "wrong branch."),
         Family("instrument", MEASURED, [name for name, _ in INSTRUMENTS],
                lambda row: dict(measured=row[0], short=row[0].removeprefix("the "), reading=INSTRUMENTS[row[1]][1],
                                 an_instrument=_a(INSTRUMENTS[row[1]][0])), "measured",
@@ -215,8 +216,8 @@ FAMILIES: dict[str, list[Family]] = {
                 "Name the instrument that measures {measured}.",
                 "Which instrument is used to measure {measured}?"),
                "It reads in {reading}, which is {an_instrument}.", "instrument for {short}",
-               "The attempt chose the wrong instrument. One for {measured} reads in {reading}; pick the one "
-               "that does."),
+               "It reads in {reading}; pick the instrument that does. The attempt chose the wrong "
+               "instrument."),
     ],
 }
 SYNTHETIC_DOMAINS = tuple(FAMILIES)
