@@ -6,7 +6,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,15 +203,36 @@ def load_sciknoweval(path, domain: str, split: str) -> list[Problem]:
     return [records[i] for i in (train if split == "train" else test)]
 
 
-def validation_split(problems: Sequence[Problem], size: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """(train, validation): a seeded subset of `size` problems carved out of a train split."""
+def validation_split(problems: Sequence[Problem], size: int, seed: int = 0,
+                     stratum: Callable[[Problem], Hashable] | None = None) -> tuple[list[Problem], list[Problem]]:
+    """(train, validation): a seeded subset of `size` problems carved out of a train split; with
+    `stratum`, each stratum holds its share of the subset (largest remainders), as a test split does."""
     if not 0 <= size <= len(problems):
         raise ValueError(f"validation size {size} must be between 0 and the {len(problems)} problems")
-    order = list(range(len(problems)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:size])
+    rng = random.Random(seed)
+    if stratum is None:
+        order = list(range(len(problems)))
+        rng.shuffle(order)
+        held = set(order[:size])
+    else:
+        strata: dict = {}
+        for i, p in enumerate(problems):
+            strata.setdefault(stratum(p), []).append(i)
+        held = set()
+        for key, n in quotas({k: len(v) for k, v in strata.items()}, size).items():
+            held.update(rng.sample(strata[key], n))
     return ([p for i, p in enumerate(problems) if i not in held],
             [problems[i] for i in sorted(held)])
+
+
+def quotas(sizes: dict, n: int) -> dict:
+    """n items shared among strata in proportion to their sizes, by largest remainders."""
+    total = sum(sizes.values())
+    exact = {k: n * size / total for k, size in sizes.items()}
+    quota = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: quota[k] - exact[k])[:n - sum(quota.values())]:
+        quota[k] += 1
+    return quota
 
 
 def union(*splits: Sequence[Problem], seed: int | None = None) -> list[Problem]:

@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .data import Problem
+from .data import Problem, quotas
 
 LETTERS = "ABCD"
 
@@ -287,10 +287,12 @@ def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[
     strata: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
         strata.setdefault((p.meta["family"], p.meta["common"]), []).append(i)
-    exact = {k: n_test * len(v) / len(problems) for k, v in strata.items()}
-    quota = {k: int(x) for k, x in exact.items()}
-    for k in sorted(exact, key=lambda k: quota[k] - exact[k])[:n_test - sum(quota.values())]:
-        quota[k] += 1
+    quota = quotas({k: len(v) for k, v in strata.items()}, n_test)
     held = {i for k, v in strata.items() for i in v[:quota[k]]}
     return ([p for i, p in enumerate(problems) if i not in held],
             [p for i, p in enumerate(problems) if i in held])
+
+
+def stratum(problem: Problem) -> tuple[str, bool]:
+    """What a split keeps in proportion: the problem's family and whether its item is common."""
+    return problem.meta["family"], problem.meta["common"]

@@ -1,12 +1,14 @@
 """SciKnowEval loading: SDPO's exact split from the raw files, SDPO split files, errors, subsets."""
 import json
 import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from conftest import SHARED
 from opcod.data import (DOMAINS, DataError, Problem, load_sciknoweval, parse_prompt, read_problems,
-                        union, validation_split, write_problems)
+                        quotas, union, validation_split, write_problems)
 
 SKE = os.path.join(SHARED, "data", "sciknoweval")
 RAW, SDPO = os.path.join(SKE, "raw_data"), os.path.join(SKE, "sdpo_splits")
@@ -85,6 +87,34 @@ def test_validation_split_is_seeded_and_disjoint():
     assert validation_split(problems, 10, seed=4)[1] != val
     with pytest.raises(ValueError, match="validation size"):
         validation_split(problems, 51)
+
+
+def test_validation_split_by_stratum_holds_each_share():
+    problems = make_problems(50)
+    kind = {p.id: "rare" if i % 5 == 0 else "usual" for i, p in enumerate(problems)}  # 10 rare, 40 usual
+    train, val = validation_split(problems, 12, seed=3, stratum=lambda p: kind[p.id])
+    assert len(train) == 38 and not {p.id for p in train} & {p.id for p in val}
+    assert sorted(kind[p.id] for p in val).count("rare") == 2   # 12 * 10 / 50 = 2.4
+    assert validation_split(problems, 12, seed=3, stratum=lambda p: kind[p.id]) == (train, val)
+    assert validation_split(problems, 12, seed=4, stratum=lambda p: kind[p.id])[1] != val
+
+
+def test_the_demo_validation_split_asks_about_specialist_items_in_their_share():
+    """Drawn at random, 6 of the demo's 20 chemistry validation questions were about specialist
+    items (one item in five), so a student that knew every common fact could not come within tau
+    = 0.2 of a specialist there; the split now keeps each family's common/specialist share."""
+    from opcod.config import load_config
+    from opcod.domains import load_domains
+    from opcod.synthetic import stratum
+    for split_seed in (0, 1, 2):
+        cfg = load_config(str(Path(__file__).parents[1] / "opcod" / "configs" / "default.yaml"),
+                          ["demo=true", f"data.split_seed={split_seed}"])
+        train, val, _ = load_domains(cfg)
+        for domain, problems in val.items():
+            pool = [p for p in train if p.domain == domain] + problems
+            want = quotas(Counter(stratum(p) for p in pool), len(problems))
+            assert Counter(stratum(p) for p in problems) == {k: n for k, n in want.items() if n}, (domain, split_seed)
+            assert sum(not p.meta["common"] for p in problems) == 4
 
 
 def test_union_and_roundtrip(tmp_path):
