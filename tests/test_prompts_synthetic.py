@@ -137,8 +137,10 @@ def test_solution_states_hint_then_class_and_textbook_holds_every_fact_line():
 def test_every_critique_opens_with_its_textbook_fact_up_to_the_class():
     """The tutor's hint is the fact the textbook states under the review's own <concept> topic, cut
     before the class: after "<concept>element At</concept>" the tutor recalls what follows "Tell me
-    about element At." Hints that named the item instead ("It is astatine, in group 17") or were
-    worded apart from the fact were recalled for 52 % of symbol and 71 % of branch questions."""
+    about element At." With hints that named the item instead ("It is astatine, in group 17") or
+    were worded apart from the fact, the tutors named the right fact on 90 of 108 and 105 of 116
+    right attempts at common chemistry and physics validation questions; worded so, 95 of 104 and
+    116 of 119."""
     for domain in synthetic.SYNTHETIC_DOMAINS:
         book = dict(synthetic.textbook(domain))
         for p in synthetic.generate(domain, 240, seed=3):
