@@ -125,12 +125,7 @@ def more_reviews(problems, seed: int) -> list[dict]:
 
 def confirmation(critique: str) -> str:
     """A critique's hint, said of a right attempt: "It is in group 1; ... The attempt is right."."""
-    return hint(critique) + " The attempt is right."
-
-
-def hint(critique: str) -> str:
-    """A critique's first part, the hint it recalls for the question's item (its verdict follows)."""
-    return critique.split(" The attempt ", 1)[0]
+    return critique.split(" The attempt ", 1)[0] + " The attempt is right."
 
 
 def made_up_name(rng: random.Random, like: str) -> str:

@@ -286,7 +286,7 @@ def splits(domain: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[
     problems = generate(domain, n_train + n_test, seed)
     strata: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        strata.setdefault((p.meta["family"], p.meta["common"]), []).append(i)
+        strata.setdefault(stratum(p), []).append(i)
     quota = quotas({k: len(v) for k, v in strata.items()}, n_test)
     held = {i for k, v in strata.items() for i in v[:quota[k]]}
     return ([p for i, p in enumerate(problems) if i not in held],
