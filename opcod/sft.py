@@ -64,6 +64,15 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, group_by_lengt
     return whole + [b for b in batches if len(b) < batch_size]
 
 
+def micro_batches(share: list, size: int) -> list[list]:
+    """A rank's share of a batch in micro-batches of `size` records (0: one), longest first: each
+    is padded only to its own longest record."""
+    if size <= 0 or size >= len(share):
+        return [share]
+    share = sorted(share, key=lambda e: len(e[0]) + len(e[1]), reverse=True)
+    return [share[s:s + size] for s in range(0, len(share), size)]
+
+
 def run_sft(cfg: SFTConfig, log=print) -> Path:
     """Fine-tune cfg.model on cfg.data and write cfg.output; runs inside an initialised process group."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -73,6 +82,8 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
     examples = encode(read_records(cfg.data), tokenizer, cfg.max_tokens)
     if cfg.batch_size % world:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {world} processes")
+    if cfg.micro_batch_size < 0:
+        raise ConfigError(f"config key 'micro_batch_size' must be >= 0 (0: a rank's whole share), got {cfg.micro_batch_size}")
 
     torch.manual_seed(cfg.seed)
     student = load_student(cfg.model, device, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
@@ -97,11 +108,17 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
             # grouped by length, the ranks' interleaved shares are about equally long: none waits
             mine = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
             weight = 1.0 if batch[rank::world] else 0.0
-            ids, mask, index = pack(mine, tokenizer.pad_token_id, device)
-            targets = torch.tensor([t for _, r in mine for t in r], device=device)
             tokens = torch.tensor(float(sum(len(r) for _, r in batch)), device=device)
-            loss = student(ids, mask, index, targets=targets) * weight / tokens
-            (loss * world).backward()  # FSDP2 averages over ranks; the loss is normalised globally
+            loss = 0.0
+            chunks = micro_batches(mine, cfg.micro_batch_size)
+            for n, chunk in enumerate(chunks):
+                ids, mask, index = pack(chunk, tokenizer.pad_token_id, device)
+                targets = torch.tensor([t for _, r in chunk for t in r], device=device)
+                part = student(ids, mask, index, targets=targets) * weight / tokens
+                # gradients are reduced across ranks once per batch, after its last micro-batch
+                student.set_requires_gradient_sync(n == len(chunks) - 1)
+                (part * world).backward()  # FSDP2 averages over ranks; the loss is normalised globally
+                loss = loss + part.detach()
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
             sched.step()

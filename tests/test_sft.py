@@ -142,3 +142,31 @@ def test_epoch_batches_hold_each_example_once_and_group_by_length_pads_less(grou
     real = sum(lengths)
     assert real / padded(batches) > 0.85 > 0.6 > real / padded(plain)  # measured 0.88 and 0.48
     assert batches != epoch_batches(lengths, 16, seed=8, group_by_length=True)  # still shuffled per epoch
+
+
+def test_micro_batches_train_the_weights_of_whole_batches(tmp_path, tokenizer):
+    """micro_batch_size=1 (each rank's records one at a time, unpadded, gradients reduced once per
+    batch) against the whole share at once: the same weights up to float rounding."""
+    from safetensors.torch import load_file
+
+    from opcod.sft import micro_batches
+    from opcod.tiny import create_model_dir, tiny_config
+    init = create_model_dir(tmp_path / "init", tokenizer, tiny_config(len(tokenizer)), seed=0)
+    records = [{"messages": [{"role": "user", "content": "Count " + "up " * n + "please."}],
+                "response": " ".join(str(k) for k in range(n + 1))} for n in range(10)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    weights = {}
+    for micro in (0, 1):
+        out = tmp_path / f"out{micro}"
+        res = torchrun("-m", "opcod.sft", f"model={init}", f"output={out}", f"data={data}", "epochs=2",
+                       "batch_size=6", "lr=3e-3", "lora_rank=0", f"micro_batch_size={micro}", nproc=2)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        weights[micro] = load_file(out / "model.safetensors")
+    start = load_file(init / "model.safetensors")
+    for k, w in weights[0].items():
+        torch.testing.assert_close(weights[1][k], w, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(start[k], w) for k, w in weights[0].items())
+    share = [([1] * n, [2]) for n in (3, 9, 1, 5, 7)]
+    assert micro_batches(share, 0) == [share]
+    assert [[len(p) for p, _ in m] for m in micro_batches(share, 2)] == [[9, 7], [5, 3], [1]]
