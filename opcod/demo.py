@@ -19,7 +19,7 @@ from .sft import run_sft
 from .synthetic import textbook, wrong_attempt
 from .tiny import build_tokenizer, create_model_dir, tiny_config
 
-VERSION = "v7"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
+VERSION = "v8"  # bumped whenever the synthetic data or the recipe changes: old caches are rebuilt
 BASE = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=2048)
 # The base learns in two stages. Answering is the slow skill: mixed with the tutor and teacher
 # records from the start, it learned less in twice the steps. So it first reads the worked
@@ -216,7 +216,9 @@ def prepare(cfg: Config) -> Config:
                    + teacher_drills(common, TEACHER_DRILLS // 2, seed + 4) + book([d], False) * BOOK_REPEATS
                    + replay + book(others, True) * BOOK_REPEATS)
     dist.barrier()
-    whole = dict(seed=seed, reshard_after_forward=False)  # a tiny student's weights stay gathered
+    # A tiny student's weights stay gathered; four records per forward, sorted by length, pad less
+    # (the v7 recipe, 13 % faster: the same students up to float rounding, so other bits).
+    whole = dict(seed=seed, reshard_after_forward=False, micro_batch_size=4)
     run_sft(SFTConfig(model=str(root / "init"), output=str(root / "reader"), data=str(root / "knowledge.jsonl"),
                       **whole, **KNOWLEDGE_SFT), log=_log)
     run_sft(SFTConfig(model=str(root / "reader"), output=str(root / "base"), data=str(root / "roles.jsonl"),
