@@ -144,9 +144,11 @@ def test_epoch_batches_hold_each_example_once_and_group_by_length_pads_less(grou
     assert batches != epoch_batches(lengths, 16, seed=8, group_by_length=True)  # still shuffled per epoch
 
 
-def test_micro_batches_train_the_weights_of_whole_batches(tmp_path, tokenizer):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_micro_batches_train_the_weights_of_whole_batches(tmp_path, tokenizer, lora_rank):
     """micro_batch_size=1 (each rank's records one at a time, unpadded, gradients reduced once per
-    batch) against the whole share at once: the same weights up to float rounding."""
+    batch) against the whole share at once: the same weights up to float rounding, fully tuned or
+    with LoRA (merged in the export)."""
     from safetensors.torch import load_file
 
     from opcod.sft import micro_batches
@@ -160,7 +162,7 @@ def test_micro_batches_train_the_weights_of_whole_batches(tmp_path, tokenizer):
     for micro in (0, 1):
         out = tmp_path / f"out{micro}"
         res = torchrun("-m", "opcod.sft", f"model={init}", f"output={out}", f"data={data}", "epochs=2",
-                       "batch_size=6", "lr=3e-3", "lora_rank=0", f"micro_batch_size={micro}", nproc=2)
+                       "batch_size=6", "lr=3e-3", f"lora_rank={lora_rank}", f"micro_batch_size={micro}", nproc=2)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         weights[micro] = load_file(out / "model.safetensors")
     start = load_file(init / "model.safetensors")
