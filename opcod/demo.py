@@ -4,6 +4,7 @@ knows its domain's specialist facts; built on first use and cached, so later run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -44,6 +45,10 @@ ROLES_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.0
 # the question's own critique, the physics student's teacher then fixed 23 of 24 of its wrong
 # chemistry attempts, against 8 of 23 when only the base had read drills.
 DOMAIN_SFT = dict(epochs=3, lr=5e-4, batch_size=16, lora_rank=0, warmup_ratio=0.1)
+# SHA-256 of each student's model.safetensors in the build the README's table came from (split seed
+# 0, `torchrun --nproc_per_node=2`, 2026-12-05, a 2-core Intel Xeon with AVX-512, pinned to AVX2).
+README_STUDENTS = {"chem_student": "bf0858675d8fc41a263ed29ea178d282efc29da714a8861908db71cc2052275d",
+                   "phys_student": "a9796446daf0fb7cb332624385fd44152a1bc9c81d5801752ab9a7c6a659e236"}
 
 
 def avx2_machine() -> bool:
@@ -191,6 +196,7 @@ def prepare(cfg: Config) -> Config:
     paths = [root / n for n in names]
     students = [StudentConfig(n, str(p), d) for n, p, d in zip(names, paths, domains)]
     if all((p / "model.safetensors").is_file() for p in paths):
+        _log(against_readme(students, seed))
         return dataclasses.replace(cfg, students=students)
 
     rank = dist.get_rank()
@@ -227,7 +233,25 @@ def prepare(cfg: Config) -> Config:
         run_sft(SFTConfig(model=str(root / "base"), output=s.path, data=str(root / f"{d}.jsonl"),
                           **whole, **DOMAIN_SFT), log=_log)
     _log(f"demo students ready in {time.perf_counter() - start:.0f} s")
+    _log(against_readme(students, seed))
     return dataclasses.replace(cfg, students=students)
+
+
+def against_readme(students: list[StudentConfig], split_seed: int) -> str:
+    """One line: whether these demo students are, bit for bit, the ones the README's table came
+    from, so a user whose figures differ from it knows whether the students or the run differ."""
+    digests = {s.name: hashlib.sha256((Path(s.path) / "model.safetensors").read_bytes()).hexdigest()
+               for s in students}
+    if split_seed != 0 or digests.keys() != README_STUDENTS.keys():
+        return "demo students: not the README's build (it used data.split_seed=0 and both default domains)"
+    differ = [n for n in digests if digests[n] != README_STUDENTS[n]]
+    if not differ:
+        return "demo students: bit-identical to the README's (sha256 " + ", ".join(
+            f"{n} {d[:12]}" for n, d in digests.items()) + "); the default run, seed 0, prints its table"
+    return ("demo students: not the README's, bit for bit (sha256 " + ", ".join(
+        f"{n} {digests[n][:12]} against {README_STUDENTS[n][:12]}" for n in differ)
+        + "): another CPU, torch or --nproc_per_node built other students here, and their table will "
+        "differ from the README's (its section 'The same students on every machine' says why)")
 
 
 def _log(msg: str) -> None:

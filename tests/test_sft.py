@@ -121,6 +121,38 @@ def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_s
         assert default[0] == "AVX512" and default[2] != pinned[2]
 
 
+
+def test_the_demo_says_whether_its_students_are_the_readmes_bit_for_bit(tmp_path, monkeypatch):
+    """The line a demo run prints about its students: bit-identical to the README's build, or which
+    student differs with both digests, or a build the README has no table for; the README states
+    the digests the code compares with."""
+    import hashlib
+    from pathlib import Path
+
+    from opcod import demo
+    from opcod.config import StudentConfig
+
+    def sha(b):
+        return hashlib.sha256(b).hexdigest()
+    students = []
+    for name, payload in (("chem_student", b"chem"), ("phys_student", b"phys")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(payload)
+        students.append(StudentConfig(name, str(tmp_path / name), name[:4]))
+    readme = {"chem_student": sha(b"chem"), "phys_student": sha(b"phys")}
+    monkeypatch.setattr(demo, "README_STUDENTS", readme)
+    assert demo.against_readme(students, 0).startswith("demo students: bit-identical to the README's")
+    monkeypatch.setattr(demo, "README_STUDENTS", {**readme, "phys_student": sha(b"other")})
+    line = demo.against_readme(students, 0)
+    assert f"phys_student {sha(b'phys')[:12]} against {sha(b'other')[:12]}" in line
+    assert "not the README's, bit for bit" in line and "chem_student" not in line
+    assert "not the README's build" in demo.against_readme(students, 1)
+    assert "not the README's build" in demo.against_readme(students[:1], 0)
+    monkeypatch.undo()
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    assert all(digest in text for digest in demo.README_STUDENTS.values())
+
+
 @pytest.mark.parametrize("group", [False, True])
 def test_epoch_batches_hold_each_example_once_and_group_by_length_pads_less(group):
     import random
