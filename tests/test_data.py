@@ -150,7 +150,12 @@ def test_run_seeds_share_the_splits_and_the_demo_students(tmp_path, monkeypatch)
                                                                                      for t in train}
     # The build: the same records and SFT seeds for every run seed, and a cache of its own per split seed.
     calls = []
-    monkeypatch.setattr(demo, "run_sft", lambda cfg, log: calls.append(cfg))
+
+    def sft(cfg, log):  # records the stage and leaves an empty model where SFT would save one
+        calls.append(cfg)
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(demo, "run_sft", sft)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         built = {}
