@@ -16,11 +16,12 @@ from .pareto import dominates
 # ----------------------------------------------------------------------------- break-rate
 
 def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: int, seed: int,
-                 scores: dict | None = None) -> dict:
+                 scores: dict | None = None, signal: bool = False) -> dict:
     """App. E on one (tutee, tutor) pair: n rollouts per problem from the tutee, the tutor's feedback on
     every rollout (anchored and sanitized as in training), and the tutee re-answering each rollout
     in every arm of effects.ARMS; the tutor's cognizance among the two on the validation split
-    (`scores`: validation scores by model directory, filled as they are measured)."""
+    (`scores`: validation scores by model directory, filled as they are measured). With `signal`,
+    also where the distillation signal of the rollouts with kept feedback sits (token_signal)."""
     from .distributed import seed_for
     from .engine_hf import Sampling
     from .evaluate import evaluate_model
@@ -45,11 +46,20 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
             scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed)
     pair = {"tutee": scores[tutee], "tutor": scores[tutor]}
     gap = cognizance_gaps(pair)["tutor"]
-    return {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,
-                                      "stronger_domains": sorted(best_domains(pair, "tutor")),
-                                      "validation": pair["tutor"]},
-            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
-            "records": effects.records_of(rollouts, post, n)}
+    out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,
+                                     "stronger_domains": sorted(best_domains(pair, "tutor")),
+                                     "validation": pair["tutor"]},
+           "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
+           "records": effects.records_of(rollouts, post, n)}
+    if signal:
+        from .models import load_causal_lm
+        from .step import teacher_contexts
+        from .token_signal import rollout_signals
+        kept = [r for r in rollouts if r.outcome == "kept"]
+        teacher_contexts(kept, tok, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+        model = load_causal_lm(tutee, cfg.model.trust_remote_code).eval()
+        out["signal"] = rollout_signals(model, kept, cfg.loss.beta)
+    return out
 
 
 def _pairs(args) -> list[tuple[str, str]]:
@@ -89,7 +99,8 @@ def _break_rate_cli(args) -> int:
             engines[path] = make_engine(cfg.engine, path, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed,
                                         tokenizer=tok, device=device, engines_per_rank=len(paths))
         scores: dict = {}
-        measured = [measure_pair(cfg, engines, tok, a, b, problems, val, args.n, args.seed, scores) for a, b in pairs]
+        measured = [measure_pair(cfg, engines, tok, a, b, problems, val, args.n, args.seed, scores, args.signal)
+                    for a, b in pairs]
     finally:
         for e in engines.values():
             e.close()
@@ -101,10 +112,16 @@ def _break_rate_cli(args) -> int:
     agg = effects.aggregate(measured, args.n)
     print(effects.format_table2(agg, args.n))
     print(effects.format_arms(agg))
+    if args.signal:
+        from .token_signal import format_summary, summarize
+        signal = summarize([s for m in measured for s in m["signal"]])
+        print(format_summary(signal, cfg.loss.beta))
     if args.out:
         result = {"n": args.n, "tau": cfg.tau, "aggregate": agg,
                   "pairs": [{**{k: v for k, v in m.items() if k != "records"},
                              "effects": effects.effects(m["records"], args.n)} for m in measured]}
+        if args.signal:
+            result["signal"] = {"beta": cfg.loss.beta, **signal}
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -315,6 +332,9 @@ def main(argv=None) -> int:
     b.add_argument("--limit", type=int, default=50, help="validation problems per domain")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--engine", choices=["hf", "vllm"], help="default: the config's engine")
+    b.add_argument("--signal", action="store_true",
+                   help="also where the distillation signal of those rollouts sits (per-token divergence "
+                        "from the self-teacher at loss.beta, and its gradient against forward KL's)")
     b.add_argument("--out")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -146,6 +146,52 @@ def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
         == ["50.0%", "0.0%", "0.0%"]   # the break-rates of feedback, solution and nothing there
 
 
+def test_token_signal_by_hand_where_the_jsd_saturates():
+    """Two classes, the student 0.99 sure of one and the teacher 0.999 of the other: the values
+    and gradients derived by hand (forward KL: q - p; JSD_0.5: q * (g - E_q g), g = log(q/m)/2)."""
+    import math
+
+    import torch
+
+    from opcod.token_signal import summarize, token_signal
+    q, p = [0.99, 0.01], [0.001, 0.999]
+    agree = [0.7, 0.3]
+    student = torch.tensor([[math.log(x) for x in q], [math.log(x) for x in agree]], dtype=torch.float64)
+    teacher = torch.tensor([[math.log(x) for x in p], [math.log(x) for x in agree]], dtype=torch.float64)
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m))
+    g = [0.5 * math.log(b / c) for b, c in zip(q, m)]
+    eg = sum(b * x for b, x in zip(q, g))
+    grad_jsd = math.hypot(*[b * (x - eg) for b, x in zip(q, g)])
+    grad_kl = math.hypot(*[b - a for a, b in zip(p, q)])
+    sig = token_signal(student, teacher, beta=0.5)
+    assert sig["tokens"] == 2 and sig["largest_token"] == 0
+    assert sig["largest"] == pytest.approx(jsd, rel=1e-9) and sig["divergence"] == pytest.approx(jsd, abs=1e-12)
+    assert sig["gradient"] == pytest.approx(grad_jsd, rel=1e-9)
+    assert sig["gradient_vs_forward_kl"] == pytest.approx(grad_jsd / grad_kl, rel=1e-9)
+    assert sig["gradient_vs_forward_kl"] < 0.05   # saturated: under a twentieth of KL's pull
+    assert token_signal(student, teacher, beta=0.0)["gradient_vs_forward_kl"] == pytest.approx(1.0)
+    summary = summarize([{"correct": False, **sig}, {"correct": False, **sig}])
+    assert summary["right"] == {"rollouts": 0} and summary["wrong"]["rollouts"] == 2
+    assert summary["wrong"]["largest_share"] == pytest.approx(1.0)
+
+
+def test_rollout_logits_are_the_rows_that_predict_each_response_token():
+    import torch
+
+    from opcod.token_signal import rollout_logits
+
+    class Echo(torch.nn.Module):  # row i of the logits names token i of the input
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids):
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(ids, 10).float()})()
+    rows = rollout_logits(Echo(), [1, 2, 3], [4, 5])
+    assert rows.dtype == torch.float64 and rows.argmax(-1).tolist() == [3, 4]
+
+
 def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path):
     """Both directions of the demo pair, n = 4 (not the paper's 8): the buckets follow n, every arm
     re-answers the same kept rollouts, and the JSON holds what the table printed."""
@@ -161,7 +207,7 @@ def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     res = subprocess.run([sys.executable, "-m", "opcod.analyze", "break-rate", "--pairs", f"{chem}:{phys}",
                           f"{phys}:{chem}", "--n", "4", "--limit", "3", "--config", str(tmp_path / "c.yaml"),
-                          "--out", str(out)],
+                          "--out", str(out), "--signal"],
                          capture_output=True, text=True, timeout=900, env=demo_env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "very easy (0-1)" in res.stdout and "easy (0-2)" in res.stdout and "tutor's stronger domain" in res.stdout
@@ -173,6 +219,12 @@ def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path
         for arm in ARMS:
             o = p["effects"]["overall"][arm]
             assert o["correct"] + o["wrong"] == kept   # only kept feedback counts
+        # --signal: one record per rollout with kept feedback, of the tutee as its own teacher.
+        assert len(p["signal"]) == kept and all(s["divergence"] >= 0 for s in p["signal"])
+        assert all(0 <= s["largest_token"] < s["tokens"] for s in p["signal"])
+    signal = result["signal"]
+    assert signal["beta"] == 0.5 and "distillation signal (beta 0.5)" in res.stdout
+    assert sum(signal[k]["rollouts"] for k in ("wrong", "right")) == sum(len(p["signal"]) for p in result["pairs"])
     agg = result["aggregate"]
     assert agg["cognizant"]["pairs"] + agg["incognizant"]["pairs"] == 2
     bad = subprocess.run([sys.executable, "-m", "opcod.analyze", "break-rate", "--pairs", str(chem)],
