@@ -16,12 +16,13 @@ from .pareto import dominates
 # ----------------------------------------------------------------------------- break-rate
 
 def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: int, seed: int,
-                 scores: dict | None = None, signal: bool = False) -> dict:
+                 scores: dict | None = None, signal_on=None) -> dict:
     """App. E on one (tutee, tutor) pair: n rollouts per problem from the tutee, the tutor's feedback on
     every rollout (anchored and sanitized as in training), and the tutee re-answering each rollout
     in every arm of effects.ARMS; the tutor's cognizance among the two on the validation split
-    (`scores`: validation scores by model directory, filled as they are measured). With `signal`,
-    also where the distillation signal of the rollouts with kept feedback sits (token_signal)."""
+    (`scores`: validation scores by model directory, filled as they are measured). With
+    `signal_on` (a device), also where the distillation signal of the rollouts with kept feedback
+    sits (token_signal), the tutee loaded there in float32."""
     from .distributed import seed_for
     from .engine_hf import Sampling
     from .evaluate import evaluate_model
@@ -51,14 +52,18 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
                                      "validation": pair["tutor"]},
            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
            "records": effects.records_of(rollouts, post, n)}
-    if signal:
-        from .models import load_causal_lm
+    if signal_on is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         from .step import teacher_contexts
         from .token_signal import rollout_signals
         kept = [r for r in rollouts if r.outcome == "kept"]
         teacher_contexts(kept, tok, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
-        model = load_causal_lm(tutee, cfg.model.trust_remote_code).eval()
-        out["signal"] = rollout_signals(model, kept, cfg.loss.beta)
+        model = AutoModelForCausalLM.from_pretrained(tutee, dtype=torch.float32, attn_implementation="sdpa",
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+        out["signal"] = rollout_signals(model.to(signal_on).eval(), kept, cfg.loss.beta)
+        del model
     return out
 
 
@@ -99,8 +104,8 @@ def _break_rate_cli(args) -> int:
             engines[path] = make_engine(cfg.engine, path, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed,
                                         tokenizer=tok, device=device, engines_per_rank=len(paths))
         scores: dict = {}
-        measured = [measure_pair(cfg, engines, tok, a, b, problems, val, args.n, args.seed, scores, args.signal)
-                    for a, b in pairs]
+        measured = [measure_pair(cfg, engines, tok, a, b, problems, val, args.n, args.seed, scores,
+                                 device if args.signal else None) for a, b in pairs]
     finally:
         for e in engines.values():
             e.close()

@@ -247,11 +247,11 @@ def against_readme(students: list[StudentConfig], split_seed: int) -> str:
     differ = [n for n in digests if digests[n] != README_STUDENTS[n]]
     if not differ:
         return "demo students: bit-identical to the README's (sha256 " + ", ".join(
-            f"{n} {d[:12]}" for n, d in digests.items()) + "); the default run, seed 0, prints its table"
+            f"{n} {d[:12]}" for n, d in digests.items()) + "); the default run, seed 0, printed its table from them"
     return ("demo students: not the README's, bit for bit (sha256 " + ", ".join(
         f"{n} {digests[n][:12]} against {README_STUDENTS[n][:12]}" for n in differ)
-        + "): another CPU, torch or --nproc_per_node built other students here, and their table will "
-        "differ from the README's (its section 'The same students on every machine' says why)")
+        + "): e.g. another CPU, torch, --nproc_per_node or data key built other students here, and "
+        "their table will differ from the README's (its section 'The same students on every machine')")
 
 
 def _log(msg: str) -> None:

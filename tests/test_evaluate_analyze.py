@@ -147,33 +147,43 @@ def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
 
 
 def test_token_signal_by_hand_where_the_jsd_saturates():
-    """Two classes, the student 0.99 sure of one and the teacher 0.999 of the other: the values
-    and gradients derived by hand (forward KL: q - p; JSD_0.5: q * (g - E_q g), g = log(q/m)/2)."""
+    """Two classes: in row 0 the student is 0.99 sure of one and the teacher 0.999 of the other, in
+    row 1 they differ a little. Values and gradients by hand: forward KL's gradient on the student's
+    logits is q - p; the beta-JSD's is q * (g - E_q g) with g = (1 - beta) log(q / m),
+    m = beta p + (1 - beta) q (P the teacher, Q the student)."""
     import math
 
     import torch
 
     from opcod.token_signal import summarize, token_signal
-    q, p = [0.99, 0.01], [0.001, 0.999]
-    agree = [0.7, 0.3]
-    student = torch.tensor([[math.log(x) for x in q], [math.log(x) for x in agree]], dtype=torch.float64)
-    teacher = torch.tensor([[math.log(x) for x in p], [math.log(x) for x in agree]], dtype=torch.float64)
-    m = [(a + b) / 2 for a, b in zip(p, q)]
-    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m))
-    g = [0.5 * math.log(b / c) for b, c in zip(q, m)]
-    eg = sum(b * x for b, x in zip(q, g))
-    grad_jsd = math.hypot(*[b * (x - eg) for b, x in zip(q, g)])
-    grad_kl = math.hypot(*[b - a for a, b in zip(p, q)])
-    sig = token_signal(student, teacher, beta=0.5)
-    assert sig["tokens"] == 2 and sig["largest_token"] == 0
-    assert sig["largest"] == pytest.approx(jsd, rel=1e-9) and sig["divergence"] == pytest.approx(jsd, abs=1e-12)
-    assert sig["gradient"] == pytest.approx(grad_jsd, rel=1e-9)
-    assert sig["gradient_vs_forward_kl"] == pytest.approx(grad_jsd / grad_kl, rel=1e-9)
-    assert sig["gradient_vs_forward_kl"] < 0.05   # saturated: under a twentieth of KL's pull
+    q_rows, p_rows = [[0.99, 0.01], [0.7, 0.3]], [[0.001, 0.999], [0.6, 0.4]]
+    student = torch.tensor([[math.log(x) for x in q] for q in q_rows], dtype=torch.float64)
+    teacher = torch.tensor([[math.log(x) for x in p] for p in p_rows], dtype=torch.float64)
+
+    def by_hand(p, q, beta):
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        div = beta * sum(a * math.log(a / c) for a, c in zip(p, m)) + \
+            (1 - beta) * sum(b * math.log(b / c) for b, c in zip(q, m))
+        g = [(1 - beta) * math.log(b / c) for b, c in zip(q, m)]
+        eg = sum(b * x for b, x in zip(q, g))
+        return div, math.hypot(*[b * (x - eg) for b, x in zip(q, g)])
+    for beta in (0.5, 0.2):
+        (d0, g0), (d1, _) = by_hand(p_rows[0], q_rows[0], beta), by_hand(p_rows[1], q_rows[1], beta)
+        kl0 = math.hypot(*[b - a for a, b in zip(p_rows[0], q_rows[0])])
+        sig = token_signal(student, teacher, beta=beta)
+        assert sig["tokens"] == 2 and sig["largest_token"] == 0 and d1 > 1e-3
+        assert sig["largest"] == pytest.approx(d0, rel=1e-9) and sig["divergence"] == pytest.approx(d0 + d1, rel=1e-9)
+        assert sig["gradient"] == pytest.approx(g0, rel=1e-9)
+        assert sig["gradient_vs_forward_kl"] == pytest.approx(g0 / kl0, rel=1e-9)
+        assert sig["gradient_vs_forward_kl"] < 0.05   # saturated: under a twentieth of KL's pull
     assert token_signal(student, teacher, beta=0.0)["gradient_vs_forward_kl"] == pytest.approx(1.0)
-    summary = summarize([{"correct": False, **sig}, {"correct": False, **sig}])
-    assert summary["right"] == {"rollouts": 0} and summary["wrong"]["rollouts"] == 2
-    assert summary["wrong"]["largest_share"] == pytest.approx(1.0)
+    sig = token_signal(student, teacher, beta=0.5)
+    same = token_signal(student, student, beta=0.5)   # nothing to compare: no ratio, no error
+    assert same["divergence"] == pytest.approx(0, abs=1e-12) and same["gradient_vs_forward_kl"] is None
+    summary = summarize([{"correct": False, **sig}, {"correct": False, **sig}, {"correct": True, **same}])
+    assert summary["wrong"]["rollouts"] == 2
+    assert summary["wrong"]["largest_share"] == pytest.approx(sig["largest"] / sig["divergence"])
+    assert summary["right"]["rollouts"] == 1 and summary["right"]["gradient_vs_forward_kl"] is None
 
 
 def test_rollout_logits_are_the_rows_that_predict_each_response_token():
@@ -186,8 +196,9 @@ def test_rollout_logits_are_the_rows_that_predict_each_response_token():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, ids):
-            return type("Out", (), {"logits": torch.nn.functional.one_hot(ids, 10).float()})()
+        def forward(self, ids, logits_to_keep=0):
+            logits = torch.nn.functional.one_hot(ids, 10).float()
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
     rows = rollout_logits(Echo(), [1, 2, 3], [4, 5])
     assert rows.dtype == torch.float64 and rows.argmax(-1).tolist() == [3, 4]
 
@@ -223,7 +234,7 @@ def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path
         assert len(p["signal"]) == kept and all(s["divergence"] >= 0 for s in p["signal"])
         assert all(0 <= s["largest_token"] < s["tokens"] for s in p["signal"])
     signal = result["signal"]
-    assert signal["beta"] == 0.5 and "distillation signal (beta 0.5)" in res.stdout
+    assert signal["beta"] == 0.5 and "distillation signal (exact loss at beta 0.5" in res.stdout
     assert sum(signal[k]["rollouts"] for k in ("wrong", "right")) == sum(len(p["signal"]) for p in result["pairs"])
     agg = result["aggregate"]
     assert agg["cognizant"]["pairs"] + agg["incognizant"]["pairs"] == 2

@@ -121,7 +121,6 @@ def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_s
         assert default[0] == "AVX512" and default[2] != pinned[2]
 
 
-
 def test_the_demo_says_whether_its_students_are_the_readmes_bit_for_bit(tmp_path, monkeypatch):
     """The line a demo run prints about its students: bit-identical to the README's build, or which
     student differs with both digests, or a build the README has no table for; the README states
