@@ -63,7 +63,6 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
         model = AutoModelForCausalLM.from_pretrained(tutee, dtype=torch.float32, attn_implementation="sdpa",
                                                      trust_remote_code=cfg.model.trust_remote_code)
         out["signal"] = rollout_signals(model.to(signal_on).eval(), kept, cfg.loss.beta)
-        del model
     return out
 
 
