@@ -240,6 +240,25 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _kill_the_tree(proc) -> None:
+    """SIGKILL torchrun and its workers at once, as a lost node would, and return once none runs.
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    leaves them alive until their launcher watch stops them: up to a second in which they could
+    still finish the checkpoint being written, after the test looked for the last whole one."""
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for group in (proc.pid, *workers):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(_alive(w) for w in workers), "a worker outlived SIGKILL by 30 s"
+
+
 def _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, run_dir, note):
     from opcod import checkpoint
     # A kill inside the first checkpoint's write leaves none whole: the rerun must start afresh then.
@@ -275,8 +294,7 @@ def test_sigkill_of_the_whole_tree_at_a_random_point_resumes_bit_identically(dem
     _wait_for_steps(metrics, after, proc)
     assert _steps_logged(metrics) >= after, note + (out / "killed.log").read_text()[-3000:]
     time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_the_tree(proc)
     assert not (out / "killed" / "summary.json").exists(), note
     _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "killed", note)
 
