@@ -213,6 +213,21 @@ def _weights(run_dir):
             for n in sorted(os.listdir(run_dir / "students"))}
 
 
+def test_the_default_run_prints_the_readmes_table(demo_env, tmp_path):
+    """What a fresh clone's first command prints is the table README.md shows, to the last digit:
+    in CI, on students built on CI's machine (a developer's OPCOD_TEST_CACHE may hold theirs)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    head = "student                                            chemistry"
+    block = readme[readme.index("```\n" + head) + 4:]
+    expected = block[:block.index("```")].splitlines()
+    res = torchrun("-m", "opcod.train", f"output_dir={tmp_path}", env=demo_env, timeout=3000)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert expected[0] in lines, res.stdout[-3000:]
+    start = lines.index(expected[0])
+    assert lines[start:start + len(expected)] == expected, "\n".join(lines[start:start + len(expected)])
+
+
 def _steps_logged(metrics: Path) -> int:
     return sum('"kind": "step"' in x for x in metrics.read_text().splitlines()) if metrics.exists() else 0
 
