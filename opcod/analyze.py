@@ -1,4 +1,4 @@
-"""python -m opcod.analyze {run,compare,break-rate}: the paper's diagnostics from runs and models."""
+"""python -m opcod.analyze {run,compare,break-rate,hints}: the paper's diagnostics from runs and models."""
 from __future__ import annotations
 
 import argparse
@@ -277,6 +277,44 @@ def _run_cli(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- hints
+
+def _hints_cli(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .config import load_config
+    from .distributed import device_of_rank
+    from .domains import load_domains
+    from .hints import format_summary, hint_distribution, summarize
+    from .models import check_model_dir, load_tokenizer
+    check_model_dir(args.student, "--student")
+    cfg = load_config(args.config, ["demo=true"])
+    train, val, _ = load_domains(cfg)
+    pool = [p for p in train if p.domain == args.domain] if args.split == "train" else val.get(args.domain, [])
+    if not pool:
+        raise ValueError(f"--domain {args.domain!r}: no {args.split} questions; the config's domains are "
+                         f"{', '.join(cfg.data.domains)}")
+    if any(p.meta.get("source") != "synthetic" for p in pool):
+        raise ValueError(f"--domain {args.domain!r} is not synthetic: hints are the demo's reasoning lines")
+    problems = [p for p in pool if args.items == "all" or p.meta["common"] == (args.items == "common")]
+    tok = load_tokenizer(args.student, args.student)
+    model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = model.to(device_of_rank()).eval()
+    result = {}
+    for role in ["student", "teacher"] if args.teacher else ["student"]:
+        dists = [hint_distribution(model, tok, p, role == "teacher", cfg.loss.max_feedback_tokens)
+                 for p in problems]
+        result[role] = summarize(problems, dists)
+        who = ("as its self-teacher, the question's critique in context" if role == "teacher"
+               else "alone")
+        print(format_summary(result[role], f"{args.student} on {args.domain} ({args.split}, {args.items}), {who}"))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------- compare
 
 def compare_runs(run_dirs: Sequence[Path]) -> dict:
@@ -340,9 +378,19 @@ def main(argv=None) -> int:
                    help="also where the distillation signal of those rollouts sits (per-token divergence "
                         "from the self-teacher at loss.beta, and its gradient against forward KL's)")
     b.add_argument("--out")
+    h = sub.add_parser("hints", help="a demo student's probability for each question's four hints, per item")
+    h.add_argument("--student", required=True, help="a model directory")
+    h.add_argument("--domain", required=True, help="a synthetic domain of the config")
+    h.add_argument("--split", choices=["train", "validation"], default="train")
+    h.add_argument("--items", choices=["specialist", "common", "all"], default="specialist")
+    h.add_argument("--teacher", action="store_true",
+                   help="also as its self-teacher, with the question's own critique in context")
+    h.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
+    h.add_argument("--out")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"run": _run_cli, "compare": _compare_cli, "break-rate": _break_rate_cli}[args.command](args)
+        return {"run": _run_cli, "compare": _compare_cli, "break-rate": _break_rate_cli,
+                "hints": _hints_cli}[args.command](args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"opcod.analyze: {exc}", file=sys.stderr)
         return 2

@@ -270,10 +270,10 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     """A well-formed response that reasons its way to a wrong option, as a student who misremembers
     the fact would (for feedback examples and tests)."""
     letter = rng.choice([label for label, _ in problem.options if label != problem.answer])
-    return _solution(_reasoning_lines(problem.meta["family"])[letter], problem.options, letter)
+    return _solution(reasoning_lines(problem.meta["family"])[letter], problem.options, letter)
 
 
-def _reasoning_lines(family: str) -> dict[str, str]:
+def reasoning_lines(family: str) -> dict[str, str]:
     """The reasoning line that leads to each letter of a family (the lines never name the item)."""
     fam = next(f for fs in FAMILIES.values() for f in fs if f.name == family)
     return {LETTERS[row[-1]]: fam.reasoning.format(**fam.fields(row)) for row in fam.table}

@@ -265,3 +265,82 @@ def test_analyze_run_and_compare_on_a_real_run(demo_run, capsys):
     for info in cmp["students"].values():  # a run never dominates an identical one
         assert all(not v for v in info["dominates"].values())
     assert analyze_main(["run", str(run_dir / "nope")]) == 2
+
+
+def test_hint_distribution_is_the_models_own_sequence_probability_renormalized(tokenizer):
+    """Each hint's probability against transformers' own loss on the whole sequence (another code
+    path: labels, shift and mean; it computes in float32, hence the tolerance), for the student's
+    prompt and for the self-teacher's."""
+    import math
+
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from opcod import prompts
+    from opcod.hints import hint_distribution
+    from opcod.tiny import tiny_config
+    torch.manual_seed(0)
+    cfg = tiny_config(len(tokenizer))
+    cfg.pad_token_id = tokenizer.pad_token_id
+    model = Qwen3ForCausalLM(cfg).double().eval()
+    problem = synthetic.generate("chemistry", 1, seed=3)[0]
+    critique = problem.meta["feedback"].split("</concept>", 1)[1].strip()
+    for teacher, user in ((False, problem.prompt),
+                          (True, prompts.reprompt_message(problem.prompt, None, critique))):
+        context = tokenizer.encode(prompts.render(tokenizer, prompts.messages(user)), add_special_tokens=False)
+        want = {}
+        for letter, line in synthetic.reasoning_lines(problem.meta["family"]).items():
+            response = tokenizer.encode(f"<reasoning>\n{line}\n", add_special_tokens=False)
+            ids = torch.tensor([context + response])
+            labels = torch.tensor([[-100] * len(context) + response])
+            with torch.no_grad():
+                want[letter] = -model(ids, labels=labels).loss.item() * len(response)
+        z = math.log(sum(math.exp(v) for v in want.values()))
+        got = hint_distribution(model, tokenizer, problem, teacher=teacher)
+        assert list(got) == list("ABCD") and sum(got.values()) == pytest.approx(1.0, abs=1e-12)
+        for letter in got:
+            assert got[letter] == pytest.approx(math.exp(want[letter] - z), rel=1e-4)
+
+
+def test_hints_summary_by_hand():
+    """Two families; in one every item gets the same distribution (spread 0), in the other the two
+    items get opposite ones (spread 1)."""
+    import math
+
+    from opcod.data import Problem
+    from opcod.hints import summarize
+
+    def q(family, item, answer):
+        return Problem(f"{family}-{item}-{answer}", "chemistry", "?", [], answer, meta={"family": family, "item": item})
+    problems = [q("f", "x", "A"), q("f", "x", "A"), q("f", "y", "B"), q("g", "u", "C"), q("g", "v", "D")]
+    half = {"A": 0.5, "B": 0.5, "C": 0.0, "D": 0.0}
+    dists = [half, half, half, {"A": 0, "B": 0, "C": 1.0, "D": 0}, {"A": 0, "B": 0, "C": 0, "D": 1.0}]
+    s = summarize(problems, dists)
+    assert s["questions"] == 5
+    assert s["p_right"] == pytest.approx((0.5 * 3 + 1.0 + 1.0) / 5)
+    assert s["p_top"] == pytest.approx((0.5 * 3 + 1 + 1) / 5)
+    assert s["entropy"] == pytest.approx(3 * math.log(2) / 5)
+    assert s["top_right"] == 1 + 1 + 0 + 1 + 1   # the first of two equal letters counts as the likeliest
+    assert s["spread"] == {"f": 0.0, "g": 1.0}
+    assert [(r["family"], r["item"], r["questions"]) for r in s["items"]] == \
+        [("f", "x", 2), ("f", "y", 1), ("g", "u", 1), ("g", "v", 1)]
+
+
+def test_hints_cli_on_the_demo_students(demo_run, demo_env, tmp_path):
+    from opcod.demo import VERSION
+    cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
+    out = tmp_path / "hints.json"
+    res = subprocess.run([sys.executable, "-m", "opcod.analyze", "hints", "--student", str(cache / "chem_student"),
+                          "--domain", "chemistry", "--teacher", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=demo_env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"student", "teacher"} and "spread between items" in res.stdout
+    for s in result.values():
+        assert s["questions"] == sum(r["questions"] for r in s["items"]) > 0
+        assert all(sum(r["distribution"].values()) == pytest.approx(1.0) for r in s["items"])
+    # The chemistry student learned its specialist facts in its SFT: it tells its items apart.
+    assert result["student"]["p_right"] > 0.5 and min(result["student"]["spread"].values()) > 0.5
+    bad = subprocess.run([sys.executable, "-m", "opcod.analyze", "hints", "--student", str(cache / "chem_student"),
+                          "--domain", "biology"], capture_output=True, text=True, timeout=600, env=demo_env)
+    assert bad.returncode == 2 and "--domain 'biology'" in bad.stderr
