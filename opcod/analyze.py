@@ -298,6 +298,9 @@ def _hints_cli(args) -> int:
     if any(p.meta.get("source") != "synthetic" for p in pool):
         raise ValueError(f"--domain {args.domain!r} is not synthetic: hints are the demo's reasoning lines")
     problems = [p for p in pool if args.items == "all" or p.meta["common"] == (args.items == "common")]
+    if not problems:
+        raise ValueError(f"--domain {args.domain!r}: no {args.items} questions in its {args.split} split "
+                         f"({len(pool)} in all)")
     tok = load_tokenizer(args.student, args.student)
     model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32, attn_implementation="sdpa",
                                                  trust_remote_code=cfg.model.trust_remote_code)
@@ -381,10 +384,12 @@ def main(argv=None) -> int:
     h = sub.add_parser("hints", help="a demo student's probability for each question's four hints, per item")
     h.add_argument("--student", required=True, help="a model directory")
     h.add_argument("--domain", required=True, help="a synthetic domain of the config")
-    h.add_argument("--split", choices=["train", "validation"], default="train")
+    h.add_argument("--split", choices=["train", "validation"], default="train",
+                   help="train: the questions the demo students were built and trained on (what a student "
+                        "holds of those items); validation: held out")
     h.add_argument("--items", choices=["specialist", "common", "all"], default="specialist")
     h.add_argument("--teacher", action="store_true",
-                   help="also as its self-teacher, with the question's own critique in context")
+                   help="also as its self-teacher, with the question's synthetic critique in context")
     h.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
     h.add_argument("--out")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,6 @@
 """What a demo student holds of each synthetic item: its probability for each of a question's four
 hints (the reasoning lines that lead to options A-D), alone or as its self-teacher given the
-question's own critique, and how much that changes from one item to another."""
+question's synthetic critique, and how much that changes from one item to another."""
 from __future__ import annotations
 
 import math
@@ -16,10 +16,11 @@ from .token_signal import rollout_logits
 
 
 def hint_distribution(model, tokenizer, problem: Problem, teacher: bool = False,
-                      max_feedback_tokens: int = 256) -> dict[str, float]:
+                      max_feedback_tokens: int = 512) -> dict[str, float]:
     """{letter: probability} of the response opening `<reasoning>\\n` + the hint that leads to that
     letter, renormalized over the family's four hints; with `teacher`, after the self-teacher's
-    prompt holding the question's own critique (the fact in the tutor's words) instead."""
+    prompt holding the question's synthetic critique (feedback only, no solution; it opens with
+    the hint itself, so this measures whether the teacher reads its context) instead."""
     if teacher:
         critique = problem.meta["feedback"].split("</concept>", 1)[1].strip()
         context = reprompt_ids(Rollout(problem, [], [], "", 0.0), None, critique, tokenizer, 0, max_feedback_tokens)

@@ -283,10 +283,14 @@ def test_hint_distribution_is_the_models_own_sequence_probability_renormalized(t
     cfg = tiny_config(len(tokenizer))
     cfg.pad_token_id = tokenizer.pad_token_id
     model = Qwen3ForCausalLM(cfg).double().eval()
-    problem = synthetic.generate("chemistry", 1, seed=3)[0]
-    critique = problem.meta["feedback"].split("</concept>", 1)[1].strip()
-    for teacher, user in ((False, problem.prompt),
-                          (True, prompts.reprompt_message(problem.prompt, None, critique))):
+    for problem, teacher in [(p, t) for p in (synthetic.generate("chemistry", 1, seed=3)[0],
+                                              synthetic.generate("physics", 1, seed=3)[0]) for t in (False, True)]:
+        critique = problem.meta["feedback"].split("</concept>", 1)[1].strip()
+        user = prompts.reprompt_message(problem.prompt, None, critique) if teacher else problem.prompt
+        # The right hint is scored as the tokens that open the worked solution SFT trains on.
+        right = tokenizer.encode(f"<reasoning>\n{synthetic.reasoning_lines(problem.meta['family'])[problem.answer]}\n",
+                                 add_special_tokens=False)
+        assert tokenizer.encode(problem.solution, add_special_tokens=False)[:len(right)] == right
         context = tokenizer.encode(prompts.render(tokenizer, prompts.messages(user)), add_special_tokens=False)
         want = {}
         for letter, line in synthetic.reasoning_lines(problem.meta["family"]).items():
@@ -303,8 +307,9 @@ def test_hint_distribution_is_the_models_own_sequence_probability_renormalized(t
 
 
 def test_hints_summary_by_hand():
-    """Two families; in one every item gets the same distribution (spread 0), in the other the two
-    items get opposite ones (spread 1)."""
+    """Two families. In f, item x's two questions get other distributions (their mean is its row)
+    and item y that mean (spread 0); in g, both items get one distribution, whose likeliest hint
+    is wrong for u and right for v (spread 0), and then v another (spread 0.25)."""
     import math
 
     from opcod.data import Problem
@@ -313,34 +318,50 @@ def test_hints_summary_by_hand():
     def q(family, item, answer):
         return Problem(f"{family}-{item}-{answer}", "chemistry", "?", [], answer, meta={"family": family, "item": item})
     problems = [q("f", "x", "A"), q("f", "x", "A"), q("f", "y", "B"), q("g", "u", "C"), q("g", "v", "D")]
-    half = {"A": 0.5, "B": 0.5, "C": 0.0, "D": 0.0}
-    dists = [half, half, half, {"A": 0, "B": 0, "C": 1.0, "D": 0}, {"A": 0, "B": 0, "C": 0, "D": 1.0}]
+    dists = [{"A": 0.8, "B": 0.2, "C": 0.0, "D": 0.0}, {"A": 0.2, "B": 0.8, "C": 0.0, "D": 0.0},
+             {"A": 0.5, "B": 0.5, "C": 0.0, "D": 0.0}, {"A": 0.0, "B": 0.0, "C": 0.25, "D": 0.75},
+             {"A": 0.0, "B": 0.0, "C": 0.25, "D": 0.75}]
     s = summarize(problems, dists)
     assert s["questions"] == 5
-    assert s["p_right"] == pytest.approx((0.5 * 3 + 1.0 + 1.0) / 5)
-    assert s["p_top"] == pytest.approx((0.5 * 3 + 1 + 1) / 5)
-    assert s["entropy"] == pytest.approx(3 * math.log(2) / 5)
-    assert s["top_right"] == 1 + 1 + 0 + 1 + 1   # the first of two equal letters counts as the likeliest
-    assert s["spread"] == {"f": 0.0, "g": 1.0}
-    assert [(r["family"], r["item"], r["questions"]) for r in s["items"]] == \
-        [("f", "x", 2), ("f", "y", 1), ("g", "u", 1), ("g", "v", 1)]
+    assert s["p_right"] == pytest.approx((0.8 + 0.2 + 0.5 + 0.25 + 0.75) / 5)
+    assert s["p_top"] == pytest.approx((0.8 + 0.8 + 0.5 + 0.75 + 0.75) / 5)
+    h = lambda *ps: -sum(x * math.log(x) for x in ps)  # noqa: E731
+    assert s["entropy"] == pytest.approx((2 * h(0.8, 0.2) + h(0.5, 0.5) + 2 * h(0.25, 0.75)) / 5)
+    assert s["top_right"] == 1 + 0 + 0 + 0 + 1   # the first of two equal letters counts as the likeliest
+    rows = {(r["family"], r["item"]): r for r in s["items"]}
+    assert rows["f", "x"]["distribution"] == pytest.approx({"A": 0.5, "B": 0.5, "C": 0.0, "D": 0.0})
+    assert (rows["f", "x"]["questions"], rows["f", "x"]["answer"], rows["g", "v"]["answer"]) == (2, "A", "D")
+    assert s["spread"] == pytest.approx({"f": 0.0, "g": 0.0})
+    s = summarize(problems[3:], [dists[3], {"A": 0.0, "B": 0.0, "C": 0.0, "D": 1.0}])
+    assert s["spread"] == pytest.approx({"g": 0.25})
 
 
 def test_hints_cli_on_the_demo_students(demo_run, demo_env, tmp_path):
+    import yaml
+
     from opcod.demo import VERSION
+    from opcod.train import DEFAULT_CONFIG
     cache = Path(demo_env["OPCOD_CACHE"]) / f"demo-{VERSION}"
     out = tmp_path / "hints.json"
-    res = subprocess.run([sys.executable, "-m", "opcod.analyze", "hints", "--student", str(cache / "chem_student"),
-                          "--domain", "chemistry", "--teacher", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, env=demo_env)
+
+    def hints(*args):
+        return subprocess.run([sys.executable, "-m", "opcod.analyze", "hints", "--student", str(cache / "chem_student"),
+                               *args], capture_output=True, text=True, timeout=600, env=demo_env)
+    res = hints("--domain", "chemistry", "--teacher", "--out", str(out))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result) == {"student", "teacher"} and "spread between items" in res.stdout
     for s in result.values():
-        assert s["questions"] == sum(r["questions"] for r in s["items"]) > 0
+        assert s["questions"] == 61 == sum(r["questions"] for r in s["items"])  # the default's specialist ones
         assert all(sum(r["distribution"].values()) == pytest.approx(1.0) for r in s["items"])
-    # The chemistry student learned its specialist facts in its SFT: it tells its items apart.
+    # The chemistry student learned its specialist facts in its SFT: it tells its items apart,
+    # and as its self-teacher it reads the hint its context opens with.
     assert result["student"]["p_right"] > 0.5 and min(result["student"]["spread"].values()) > 0.5
-    bad = subprocess.run([sys.executable, "-m", "opcod.analyze", "hints", "--student", str(cache / "chem_student"),
-                          "--domain", "biology"], capture_output=True, text=True, timeout=600, env=demo_env)
-    assert bad.returncode == 2 and "--domain 'biology'" in bad.stderr
+    assert result["teacher"]["p_right"] > 0.9
+    bad = hints("--domain", "biology")
+    assert bad.returncode == 2 and "--domain 'biology': no train questions" in bad.stderr
+    config = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
+    config["data"]["val_size"] = 1   # one validation question per domain: a common one
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    empty = hints("--domain", "chemistry", "--split", "validation", "--config", str(tmp_path / "c.yaml"))
+    assert empty.returncode == 2 and "no specialist questions in its validation split (1 in all)" in empty.stderr
