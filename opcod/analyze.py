@@ -53,17 +53,22 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
            "records": effects.records_of(rollouts, post, n)}
     if signal_on is not None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
         from .step import teacher_contexts
         from .token_signal import rollout_signals
         kept = [r for r in rollouts if r.outcome == "kept"]
         teacher_contexts(kept, tok, cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
-        model = AutoModelForCausalLM.from_pretrained(tutee, dtype=torch.float32, attn_implementation="sdpa",
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-        out["signal"] = rollout_signals(model.to(signal_on).eval(), kept, cfg.loss.beta)
+        out["signal"] = rollout_signals(_float32_model(tutee, cfg, signal_on), kept, cfg.loss.beta)
     return out
+
+
+def _float32_model(path: str, cfg, device):
+    """A model for the float32 diagnostics, with sdpa attention: models.load_causal_lm would pick
+    flash-attention on CUDA, which refuses float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return model.to(device).eval()
 
 
 def _pairs(args) -> list[tuple[str, str]]:
@@ -280,9 +285,6 @@ def _run_cli(args) -> int:
 # ----------------------------------------------------------------------------- hints
 
 def _hints_cli(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .config import load_config
     from .distributed import device_of_rank
     from .domains import load_domains
@@ -302,9 +304,7 @@ def _hints_cli(args) -> int:
         raise ValueError(f"--domain {args.domain!r}: no {args.items} questions in its {args.split} split "
                          f"({len(pool)} in all)")
     tok = load_tokenizer(args.student, args.student)
-    model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32, attn_implementation="sdpa",
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    model = model.to(device_of_rank()).eval()
+    model = _float32_model(args.student, cfg, device_of_rank())
     result = {}
     for role in ["student", "teacher"] if args.teacher else ["student"]:
         dists = [hint_distribution(model, tok, p, role == "teacher", cfg.loss.max_feedback_tokens)
