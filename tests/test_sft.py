@@ -194,8 +194,8 @@ def test_micro_batches_train_the_weights_of_whole_batches(tmp_path, tokenizer, l
         out = tmp_path / f"out{micro}"
         res = torchrun("-m", "opcod.sft", f"model={init}", f"output={out}", f"data={data}", "epochs=2",
                        "batch_size=6", "lr=3e-3", f"lora_rank={lora_rank}", f"micro_batch_size={micro}", nproc=2)
-        # A worker's own last words come before torchrun's 2 kB summary of its exit: keep both (CI saw
-        # one SIGABRT of rank 1 after the export, once, with only the summary to read).
+        # A worker's own last words come before torchrun's 2 kB summary of its exit: keep both (a CI
+        # rehearsal saw rank 1 die of SIGABRT after the export, once, with only the summary to read).
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-8000:]
         weights[micro] = load_file(out / "model.safetensors")
     start = load_file(init / "model.safetensors")
