@@ -13,9 +13,8 @@ out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-# opcod_kernels is imported from the checkout (kernels/ under its package name) without pip.
-mkdir -p /tmp/opcod_pkg && ln -sfn "$PWD/kernels" /tmp/opcod_pkg/opcod_kernels && export PYTHONPATH="/tmp/opcod_pkg:$PYTHONPATH"
+# opcod and opcod_kernels are imported from the checkout without pip (the device has no registry).
+export PYTHONPATH="$PWD:$PWD/kernels:${PYTHONPATH:-}"
 
 date -u +"%Y-%m-%d %H:%M UTC" | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt"

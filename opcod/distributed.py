@@ -31,7 +31,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # Small bookkeeping tensors (feedback outcomes, scores) live on the CPU: gloo carries those.
         backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    warn_cuda_torch_without_gpu()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def warn_cuda_torch_without_gpu() -> None:
+    """One line (rank 0) when a CUDA build of torch finds no GPU: everything runs on the CPU, and a
+    CPU-only machine is better served by the CPU build (a bare `pip install torch` pulls CUDA's)."""
+    if torch.version.cuda is None or torch.cuda.is_available():
+        return
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    print(f"opcod: torch {torch.__version__} is a CUDA build but no GPU is visible, so this runs on the CPU; "
+          f"on a machine without a GPU, pip install torch=={torch.__version__.split('+')[0]} --index-url "
+          "https://download.pytorch.org/whl/cpu (the CPU build) saves several GB", file=sys.stderr, flush=True)
 
 
 def device_of_rank() -> torch.device:

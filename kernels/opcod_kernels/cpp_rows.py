@@ -22,7 +22,8 @@ _failed: str | None = None
 
 def _source_path() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc" / _SOURCE_NAME, here.parent / "csrc" / _SOURCE_NAME):
+    # A wheel ships the source inside the package; a checkout keeps it in the top-level csrc/.
+    for candidate in (here / "csrc" / _SOURCE_NAME, here.parents[1] / "csrc" / _SOURCE_NAME):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{_SOURCE_NAME} not found next to {here}")
@@ -50,7 +51,7 @@ def _build() -> ctypes.CDLL:
     src = _source_path()
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        raise RuntimeError("no C++ compiler found: install g++ (e.g. apt install g++) or set CXX to one")
     # With ATen pinned to AVX2 (opcod's demo pins it), the kernel is built for that level too, so
     # its vector sums run in one order on every machine with AVX2; otherwise for this machine.
     pinned = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" and platform.machine() == "x86_64"
@@ -89,8 +90,8 @@ def load() -> ctypes.CDLL | None:
                 _lib = _build()
             except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
                 _failed = str(exc)
-                warnings.warn(f"opcod_kernels: C++ CPU kernel unavailable, using the chunked "
-                              f"PyTorch path instead ({_failed.splitlines()[0]})", stacklevel=3)
+                warnings.warn(f"opcod_kernels: the C++ CPU kernel is unavailable, so the CPU loss runs the "
+                              f"slower chunked PyTorch path ({_failed.splitlines()[0]})", stacklevel=3)
     return _lib
 
 
