@@ -47,27 +47,41 @@ ROLES_SFT = dict(epochs=3, lr=1e-3, batch_size=16, lora_rank=0, warmup_ratio=0.0
 DOMAIN_SFT = dict(epochs=3, lr=5e-4, batch_size=16, lora_rank=0, warmup_ratio=0.1)
 # SHA-256 of each student's model.safetensors in the build the README's table came from (split seed
 # 0, `torchrun --nproc_per_node=2`, 2026-12-05, a 2-core Intel Xeon with AVX-512, pinned to AVX2).
+# The same bits come out on Intel CPUs with AVX2 only: on other vendors MKL ignores MKL_CBWR=AVX2
+# and its GEMMs round otherwise (measured 2026-12-06 on an AMD EPYC: with MKL made to take its Intel
+# path, the same machine built these bits and printed the README's table; docs/demo.md).
 README_STUDENTS = {"chem_student": "bf0858675d8fc41a263ed29ea178d282efc29da714a8861908db71cc2052275d",
                    "phys_student": "a9796446daf0fb7cb332624385fd44152a1bc9c81d5801752ab9a7c6a659e236"}
 
 
-def avx2_machine() -> bool:
-    """Whether this is an x86-64 machine whose CPU has AVX2 (the machines the demo pins)."""
+def _cpuinfo() -> str:
     import platform
     if platform.machine() != "x86_64":
-        return False
+        return ""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx2" in line for line in f)
+            return f.read(1 << 16)
     except OSError:
-        return False
+        return ""
+
+
+def avx2_machine() -> bool:
+    """Whether this is an x86-64 machine whose CPU has AVX2 (the machines the demo pins)."""
+    return any(line.startswith("flags") and " avx2" in line for line in _cpuinfo().splitlines())
+
+
+def readme_machine() -> bool:
+    """Whether this machine builds the README's students bit for bit: an Intel CPU with AVX2, where
+    MKL honours MKL_CBWR=AVX2 (its docs: on other vendors that setting falls back to AUTO)."""
+    return avx2_machine() and any(line.startswith("vendor_id") and "GenuineIntel" in line
+                                  for line in _cpuinfo().splitlines())
 
 
 def pin_cpu_numerics() -> None:
     """The demo's CPU kernels take their AVX2 paths on every x86-64 machine that has AVX2: ATen's
     vectorized kernels (softmax and attention sum in another order with AVX-512) and MKL's BLAS
-    (MKL_CBWR, its reproducibility mode), so machines of other instruction sets build the same
-    students. Call before the process's first tensor operation; a value already set wins."""
+    (MKL_CBWR, its reproducibility mode), so Intel machines of other instruction sets build the same
+    students (MKL honours MKL_CBWR=AVX2 on Intel CPUs only). Call before the process's first tensor operation; a value already set wins."""
     if not avx2_machine():
         return
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
@@ -248,10 +262,11 @@ def against_readme(students: list[StudentConfig], split_seed: int) -> str:
     if not differ:
         return "demo students: bit-identical to the README's (sha256 " + ", ".join(
             f"{n} {d[:12]}" for n, d in digests.items()) + "); the default run, seed 0, printed its table from them"
+    why = ("e.g. another torch, --nproc_per_node or data key built other students here" if readme_machine() else
+           "the README's were built on an Intel CPU with AVX2, and on this CPU MKL takes other GEMM paths")
     return ("demo students: not the README's, bit for bit (sha256 " + ", ".join(
         f"{n} {digests[n][:12]} against {README_STUDENTS[n][:12]}" for n in differ)
-        + "): e.g. another CPU, torch, --nproc_per_node or data key built other students here, and "
-        "their table will differ from the README's (its section 'The same students on every machine')")
+        + f"): {why}, so the table will differ from the README's (docs/demo.md, 'The same students')")
 
 
 def _log(msg: str) -> None:

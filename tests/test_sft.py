@@ -1,5 +1,6 @@
 """opcod.sft: LoRA merging against a float64 reference, and whole runs (full and LoRA) that learn."""
 import json
+import re
 
 import pytest
 import torch
@@ -119,6 +120,26 @@ def test_the_demo_pins_cpu_kernels_to_avx2_so_other_instruction_sets_train_the_s
     default = run("plain")
     if " avx512f" in flags:
         assert default[0] == "AVX512" and default[2] != pinned[2]
+
+
+@pytest.mark.skipif(not avx2_machine(),
+                    reason="the demo pins CPU kernels on x86-64 machines with AVX2 only")
+def test_mkl_honours_the_avx2_pin_exactly_where_the_demo_claims_the_readmes_students():
+    """Why the README's students come out bit for bit on Intel CPUs only: MKL takes its AVX2
+    reproducibility branch (CNR:AVX2 in its verbose log) there, and falls back to AUTO on other
+    vendors (measured on an AMD EPYC, as MKL's docs say). readme_machine() must say the same as MKL."""
+    import os
+    import subprocess
+    import sys
+
+    from opcod.demo import readme_machine
+    env = {**os.environ, "MKL_VERBOSE": "1", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", "import torch; torch.ones(64, 64) @ torch.ones(64, 64)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    branch = re.search(r"CNR:(\w+)", res.stdout + res.stderr)
+    assert branch, (res.stdout + res.stderr)[-2000:]
+    assert (branch.group(1) == "AVX2") == readme_machine(), (branch.group(1), readme_machine())
 
 
 def test_the_demo_says_whether_its_students_are_the_readmes_bit_for_bit(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 2-process run with every artifact, and resume after SIGKILL. Multi-process parts use torchrun."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 
 from opcod import synthetic
 from opcod.config import ConfigError, load_config
+from opcod.demo import readme_machine
 from opcod.feedback import OutcomeCounts
 from opcod.step import Rollout, request_feedback, self_anchors, teacher_contexts
 
@@ -150,9 +152,14 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     assert "mutual Pareto improvement:" in res.stdout and "feedback outcomes:" in res.stdout
     assert "[95 % interval]" in res.stdout
     # CI builds the demo students afresh on its own machine (a developer's OPCOD_TEST_CACHE holds a
-    # build of theirs): this is where "the same students on every machine" meets a second machine.
+    # build of theirs): on an Intel CPU with AVX2 they are the README's, bit for bit; elsewhere the
+    # run says they are not and why (MKL's GEMMs take other paths on other vendors).
     line = next((x for x in res.stdout.splitlines() if x.startswith("demo students: ")), None)
-    assert line is not None and line.startswith("demo students: bit-identical to the README's"), line
+    assert line is not None, res.stdout[-3000:]
+    if readme_machine():
+        assert line.startswith("demo students: bit-identical to the README's"), line
+    else:
+        assert line.startswith("demo students: not the README's, bit for bit") and "Intel CPU" in line, line
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["rounds"] == 2 and cfg["method"] == "opcod" and len(cfg["students"]) == 2
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -214,7 +221,8 @@ def _weights(run_dir):
 
 
 def test_the_default_run_prints_the_readmes_table(demo_env, tmp_path):
-    """What a fresh clone's first command prints is the table README.md shows, to the last digit:
+    """What a fresh clone's first command prints is the table README.md shows, to the last digit on
+    an Intel CPU with AVX2 (where the README's students come out bit for bit), its shape elsewhere:
     in CI, on students built on CI's machine (a developer's OPCOD_TEST_CACHE may hold theirs)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     head = "student                                            chemistry"
@@ -225,7 +233,14 @@ def test_the_default_run_prints_the_readmes_table(demo_env, tmp_path):
     lines = res.stdout.splitlines()
     assert expected[0] in lines, res.stdout[-3000:]
     start = lines.index(expected[0])
-    assert lines[start:start + len(expected)] == expected, "\n".join(lines[start:start + len(expected)])
+    printed = lines[start:start + len(expected)]
+    if readme_machine():  # the README's students: its table to the last digit
+        assert printed == expected, "\n".join(printed)
+    else:  # other students (docs/demo.md): the table's shape, row by row
+        def shape(line):  # numbers, verdicts and spacing blanked out
+            line = re.sub(r"[-+]?\d+(\.\d+)?", "#", line)
+            return re.sub(r"\s+", "", re.sub(r"\b(yes|no|cognizant|incognizant)\b", "?", line))
+        assert [shape(x) for x in printed] == [shape(x) for x in expected], "\n".join(printed)
 
 
 def _steps_logged(metrics: Path) -> int:
