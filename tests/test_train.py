@@ -292,11 +292,11 @@ def _kill_the_tree(proc) -> None:
     assert not any(_alive(w) for w in workers), "a worker outlived SIGKILL by 30 s"
 
 
-def _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, run_dir, note):
+def _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, run_dir, note, cwd=None):
     from opcod import checkpoint
     # A kill inside the first checkpoint's write leaves none whole: the rerun must start afresh then.
     last = checkpoint.latest(run_dir / "checkpoints")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=900)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=demo_env, timeout=900, cwd=cwd)
     assert res.returncode == 0, note + res.stdout[-2000:] + res.stderr[-3000:]
     if last is None:
         assert "resumed from" not in res.stdout, note + "no whole checkpoint was left"
@@ -322,14 +322,16 @@ def test_sigkill_of_the_whole_tree_at_a_random_point_resumes_bit_identically(dem
     after, delay = rng.randint(1, 7), rng.uniform(0.0, 1.5)  # inside a phase, mid-step or mid-checkpoint
     note = f"killed after {after} steps + {delay:.2f} s: "
     log = open(out / "killed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=demo_env, start_new_session=True)
+    # Started outside the checkout (the full run started from its root): the same weights either way.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=demo_env, start_new_session=True,
+                            cwd=out)
     metrics = out / "killed" / "metrics.jsonl"
     _wait_for_steps(metrics, after, proc)
     assert _steps_logged(metrics) >= after, note + (out / "killed.log").read_text()[-3000:]
     time.sleep(delay)
     _kill_the_tree(proc)
     assert not (out / "killed" / "summary.json").exists(), note
-    _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "killed", note)
+    _rerun_matches_the_uninterrupted_run(cmd, demo_env, full_dir, out / "killed", note, cwd=out)
 
 
 def test_a_killed_launcher_leaves_no_writer_and_one_writer_at_a_time(demo_run, demo_env):
