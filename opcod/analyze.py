@@ -31,7 +31,8 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
     roll = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     ids = [prompt_ids(tok, p) for p in problems]
     outs = engines[tutee].generate([i for i in ids for _ in range(n)], roll, seed_for(seed, 0))
-    rollouts = make_rollouts(problems, ids, outs, n, tok)
+    strict = cfg.grading.require_closing_tag
+    rollouts = make_rollouts(problems, ids, outs, n, tok, strict=strict)
     for g in range(len(problems)):
         self_anchors(rollouts[g * n:(g + 1) * n], allow_self=cfg.loss.allow_self_anchor)
     fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
@@ -39,12 +40,12 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
                               lambda ps: engines[tutor].generate(ps, fb, seed_for(seed, 1)), tok)
     # Only rollouts whose feedback was kept are counted (App. E), so only they are re-answered.
     post = reanswer(rollouts, lambda ps: engines[tutee].generate(ps, roll, seed_for(seed, 2)), tok,
-                    cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+                    cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens, strict=strict)
     ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
     scores = {} if scores is None else scores
     for path in (tutee, tutor):
         if path not in scores:
-            scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed)
+            scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed, strict=strict)
     pair = {"tutee": scores[tutee], "tutor": scores[tutor]}
     gap = cognizance_gaps(pair)["tutor"]
     out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,

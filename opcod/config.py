@@ -105,6 +105,13 @@ class LoggingConfig:
 
 
 @dataclass
+class GradingConfig:
+    # false: SDPO's reading, the text after the last <answer> up to a </answer> if one follows (a
+    # truncated answer still scores); true: a closing </answer> is required.
+    require_closing_tag: bool = False
+
+
+@dataclass
 class LoRAConfig:
     rank: int = 0                       # 0: train every weight; > 0: LoRA adapters through PEFT
     alpha: float = 16.0
@@ -149,6 +156,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
 
     @property
     def run_dir(self) -> Path:

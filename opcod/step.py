@@ -87,7 +87,7 @@ def teacher_contexts(rollouts: Sequence[Rollout], tokenizer, max_solution_tokens
 
 
 def reanswer(rollouts: Sequence[Rollout], generate, tokenizer, max_solution_tokens: int,
-             max_feedback_tokens: int) -> dict[str, dict[int, float]]:
+             max_feedback_tokens: int, *, strict: bool = False) -> dict[str, dict[int, float]]:
     """{arm: {rollout index: reward}}: the tutee answering again every rollout whose feedback was
     kept, in each arm of effects.ARMS (the training teacher's context, the solution only, nothing).
     `generate(prompts)` must sample every arm with one seed: each rollout's re-answers then share
@@ -98,18 +98,18 @@ def reanswer(rollouts: Sequence[Rollout], generate, tokenizer, max_solution_toke
         again = [reprompt_ids(rollouts[i], *context(rollouts[i], arm), tokenizer, max_solution_tokens,
                               max_feedback_tokens) for i in kept]
         outs = generate(again) if kept else []
-        post[arm] = {i: reward(tokenizer.decode(o, skip_special_tokens=True), rollouts[i].problem.answer)
-                     for i, o in zip(kept, outs)}
+        post[arm] = {i: reward(tokenizer.decode(o, skip_special_tokens=True), rollouts[i].problem.answer,
+                               strict=strict) for i, o in zip(kept, outs)}
     return post
 
 
 def make_rollouts(problems: Sequence[Problem], ids: Sequence[list[int]], responses: Sequence[list[int]],
-                  n: int, tokenizer) -> list[Rollout]:
+                  n: int, tokenizer, *, strict: bool = False) -> list[Rollout]:
     out = []
     for i, resp in enumerate(responses):
         problem = problems[i // n]
         text = tokenizer.decode(resp, skip_special_tokens=True)
-        out.append(Rollout(problem, ids[i // n], list(resp), text, reward(text, problem.answer)))
+        out.append(Rollout(problem, ids[i // n], list(resp), text, reward(text, problem.answer, strict=strict)))
     return out
 
 

@@ -180,7 +180,8 @@ class CoDistillation:
             prompts = [self.prompt_ids(p) for p in mine for _ in range(k)]
             outs = self.engines.generate("rollout", prompts, self.sampling(self.cfg.evaluation),
                                          seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
-            local = {p.id: [reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
+            local = {p.id: [reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer,
+                                   strict=self.cfg.grading.require_closing_tag)
                             for o in outs[i * k:(i + 1) * k]] for i, p in enumerate(mine)}
             shards = [None] * self.world
             dist.all_gather_object(shards, local)
@@ -227,7 +228,8 @@ class CoDistillation:
         self.ensure("rollout", tutee)
         responses = self.engines.generate("rollout", [i for i in ids for _ in range(n)],
                                           self.sampling(cfg.rollout), seed)
-        rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer)
+        rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer,
+                                 strict=cfg.grading.require_closing_tag)
         # Copies of a prompt must sample differently (per-request seeds); 1.0 when all n differ.
         distinct = sum(len({tuple(r.response_ids) for r in rollouts[g * n:(g + 1) * n]})
                        for g in range(len(problems)))
@@ -258,7 +260,7 @@ class CoDistillation:
             reanswer_seed = seed_for(seed, 2)
             post = reanswer(rollouts, lambda prompts: self.engines.generate(
                 "rollout", prompts, self.sampling(cfg.rollout), reanswer_seed), self.tokenizer,
-                cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+                cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens, strict=cfg.grading.require_closing_tag)
             local = effects.step_counts(effects.records_of(rollouts, post, n))
             effect_counts = dict(zip(local, map(int, all_sum(list(local.values()), self.device))))
         t_eff = time.perf_counter()

@@ -40,6 +40,23 @@ def test_evaluate_avg_at_k_on_scripted_answers(tokenizer):
     assert "50.0%" in format_scores({"m": scores})
 
 
+def test_evaluate_reads_a_truncated_answer_as_sdpo_does_unless_strict(tokenizer):
+    """A response cut off after its answer letter (no </answer>) scores by default, as in SDPO's
+    reading; with the strict option (grading.require_closing_tag / --require-closing-tag) it does not.
+    Guards against evaluation grading stricter than training, or than SDPO."""
+    from opcod.config import load_config
+    problems = {"physics": synthetic.generate("physics", 1, seed=0)}
+    p = problems["physics"][0]
+
+    class Truncated:
+        def generate(self, prompts, sampling, seed):
+            return [tokenizer.encode(f"<reasoning>r</reasoning><answer>\n{p.answer}") for _ in prompts]
+    assert evaluate_model(Truncated(), tokenizer, problems, 2, Sampling(0.6, 0.95, 8)) == {"physics": 1.0}
+    assert evaluate_model(Truncated(), tokenizer, problems, 2, Sampling(0.6, 0.95, 8), strict=True) == {"physics": 0.0}
+    assert load_config(overrides=["demo=true"]).grading.require_closing_tag is False
+    assert load_config(overrides=["demo=true", "grading.require_closing_tag=true"]).grading.require_closing_tag
+
+
 def _records(pre, post, domain="physics"):
     """Records of every rollout (all kept) from per-problem pre and per-arm post rewards."""
     out = []

@@ -1,22 +1,50 @@
 """Grading, avg@k, cognizance gating and Pareto verdicts against hand computations."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for)
 from opcod.grading import avg_at_k, bootstrap_interval, extract_answer, reward
 from opcod.pareto import dominates, format_table, improvements, mutual_improvement
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<reasoning>x</reasoning><answer>B</answer>", "B"),
-    ("<answer>\nC\n</answer>", "C"),
-    ("<answer>A</answer> then <answer> D </answer>", "D"),          # the last tag wins
-    ("<answer>A</answer> then <answer>D", None),                   # the last opening is unclosed
-    ("no tags at all", None),
-    ("<answer>B", None),
-    ("<answer></answer>", ""),
+def sdpo_extract(text: str) -> str | None:
+    """SDPO's MCQ reading written out (lasgroup/SDPO verl/utils/reward_score/feedback/mcq.py,
+    extract_xml_answer), with SPEC section 3's one change: no <answer> at all reads nothing."""
+    if "<answer>" not in text:
+        return None
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
+
+
+@pytest.mark.parametrize("text, expected, strict_expected", [
+    ("<reasoning>x</reasoning><answer>B</answer>", "B", "B"),
+    ("<answer>\nC\n</answer>", "C", "C"),
+    ("<answer>A</answer> then <answer> D </answer>", "D", "D"),       # the last tag wins
+    # Guards against grading stricter than SDPO: an unclosed or truncated last answer is still read.
+    ("<answer>A</answer> then <answer>D", "D", None),
+    ("<reasoning>long</reasoning>\n<answer>\nB\n", "B", None),
+    ("<answer>B", "B", None),
+    ("<answer>B</answer> trailing </answer>", "B", "B"),             # up to the first close after it
+    ("no tags at all", None, None),
+    ("B", None, None),                                                 # no tag: 0 (SDPO would read "B")
+    ("<answer></answer>", "", ""),
 ])
-def test_extract_answer(text, expected):
+def test_extract_answer(text, expected, strict_expected):
     assert extract_answer(text) == expected
+    assert extract_answer(text, strict=True) == strict_expected
+
+
+_pieces = st.sampled_from(["<answer>", "</answer>", "A", "B", " ", "\n", "x", "<reasoning>", "answer", "<"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_pieces, max_size=12).map("".join))
+def test_extract_answer_is_sdpos_reading(text):
+    """Against SDPO's split-based formula on texts made of tags, letters and filler: guards against a
+    reading that drifts from SDPO's (needing the close, taking the first tag, not stripping)."""
+    assert extract_answer(text) == sdpo_extract(text)
+    strict = extract_answer(text, strict=True)
+    assert strict is None or strict == sdpo_extract(text)
 
 
 def test_reward_is_exact_match():
@@ -24,6 +52,9 @@ def test_reward_is_exact_match():
     assert reward("<answer>b</answer>", "B") == 0.0
     assert reward("<answer>B.</answer>", "B") == 0.0
     assert reward("B", "B") == 0.0
+    # A response cut off after its answer letter scores, as in SDPO; the strict option refuses it.
+    assert reward("<reasoning>r</reasoning><answer>\nB", "B") == 1.0
+    assert reward("<reasoning>r</reasoning><answer>\nB", "B", strict=True) == 0.0
 
 
 def test_avg_at_k():
