@@ -113,6 +113,26 @@ def make_rollouts(problems: Sequence[Problem], ids: Sequence[list[int]], respons
     return out
 
 
+def sdpo_counts(rollouts: Sequence[Rollout], n: int) -> dict[str, int]:
+    """This rank's counts behind SDPO's self_distillation/* fractions (sdpo_fractions), to be summed
+    over ranks first: rollouts come n per prompt, in order."""
+    groups = [rollouts[g:g + n] for g in range(0, len(rollouts), n)]
+    return {"samples": len(rollouts), "groups": len(groups),
+            "success_groups": sum(any(r.reward > 0 for r in g) for g in groups),
+            "with_solution": int(sum(r.reward for r in rollouts)),
+            "with_feedback": sum(r.feedback is not None for r in rollouts),
+            "with_teacher": sum(r.has_teacher for r in rollouts)}
+
+
+def sdpo_fractions(counts: dict[str, int]) -> dict[str, float]:
+    """SDPO's self_distillation/* step metrics from counts summed over ranks."""
+    samples, groups = max(counts["samples"], 1), max(counts["groups"], 1)
+    return {"self_distillation/success_sample_fraction": counts["with_solution"] / samples,
+            "self_distillation/success_group_fraction": counts["success_groups"] / groups,
+            "self_distillation/feedback_used_fraction": counts["with_feedback"] / samples,
+            "self_distillation/reprompt_sample_fraction": counts["with_teacher"] / samples}
+
+
 def pack(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
     """Right-padded [B, T] ids and mask, and the flat index of the positions whose next-token
     distribution predicts each response token (position L - 1 + k for response token k)."""

@@ -34,7 +34,8 @@ from .models import (AdapterFree, Student, apply_update, check_model_dir, comput
 from .plan import Shape
 from .rundir import RunLock, check_config
 from .step import (distill_backward, grpo_backward, group_advantages, loss_denominator, make_rollouts,
-                   old_logprobs, prompt_ids, reanswer, request_feedback, self_anchors, teacher_contexts)
+                   old_logprobs, prompt_ids, reanswer, request_feedback, sdpo_counts, sdpo_fractions,
+                   self_anchors, teacher_contexts)
 from .trackers import Trackers, check_installed
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
@@ -288,13 +289,11 @@ class CoDistillation:
         t_sync = time.perf_counter()
 
         lengths = [len(r.response_ids) for r in rollouts]
-        groups = [rollouts[g * n:(g + 1) * n] for g in range(len(problems))]
-        (rewards, with_teacher, count, distinct, leaks, tokens, clipped, prompt_tokens, solved_groups, group_count,
-         with_feedback) = all_sum(
-            [sum(r.reward for r in rollouts), sum(r.has_teacher for r in rollouts), len(rollouts), distinct,
+        local_sd = sdpo_counts(rollouts, n)
+        (rewards, count, distinct, leaks, tokens, clipped, prompt_tokens, *sd) = all_sum(
+            [sum(r.reward for r in rollouts), len(rollouts), distinct,
              sum(r.leak for r in rollouts), sum(lengths), sum(x >= cfg.rollout.max_new_tokens for x in lengths),
-             sum(len(r.prompt_ids) for r in rollouts), sum(any(r.reward > 0 for r in g) for g in groups),
-             len(groups), sum(r.feedback is not None for r in rollouts)], self.device)
+             sum(len(r.prompt_ids) for r in rollouts), *local_sd.values()], self.device)
         longest = torch.tensor(float(max(lengths, default=0)), device=self.device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         outcomes = outcomes.all_reduce()
@@ -311,10 +310,7 @@ class CoDistillation:
                 "critic/rewards/mean": rewards / count,
                 "response_length/mean": tokens / count, "response_length/max": float(longest),
                 "response_length/clip_ratio": clipped / count,
-                "self_distillation/success_sample_fraction": rewards / count,
-                "self_distillation/success_group_fraction": solved_groups / group_count,
-                "self_distillation/feedback_used_fraction": with_feedback / count,
-                "self_distillation/reprompt_sample_fraction": with_teacher / count,
+                **sdpo_fractions(dict(zip(local_sd, map(int, sd)))),
                 "timing_s/gen": t_gen - t0, "timing_s/feedback": t_fb - t_gen, "timing_s/effects": t_eff - t_fb,
                 "timing_s/update_actor": t_bwd - t_eff,
                 "timing_s/update_weights": t_sync - t_bwd, "timing_s/step": t_sync - t0,
