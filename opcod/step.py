@@ -115,17 +115,24 @@ def make_rollouts(problems: Sequence[Problem], ids: Sequence[list[int]], respons
 
 def sdpo_counts(rollouts: Sequence[Rollout], n: int) -> dict[str, int]:
     """This rank's counts behind SDPO's self_distillation/* fractions (sdpo_fractions), to be summed
-    over ranks first: rollouts come n per prompt, in order."""
+    over ranks first: rollouts come n per prompt, in order, with their self-anchors set."""
     groups = [rollouts[g:g + n] for g in range(0, len(rollouts), n)]
     return {"samples": len(rollouts), "groups": len(groups),
             "success_groups": sum(any(r.reward > 0 for r in g) for g in groups),
-            "with_solution": int(sum(r.reward for r in rollouts)),
+            "with_solution": sum(r.solution is not None for r in rollouts),
             "with_feedback": sum(r.feedback is not None for r in rollouts),
             "with_teacher": sum(r.has_teacher for r in rollouts)}
 
 
 def sdpo_fractions(counts: dict[str, int]) -> dict[str, float]:
-    """SDPO's self_distillation/* step metrics from counts summed over ranks."""
+    """SDPO's self_distillation/* step metrics, with the meanings of its trainer (lasgroup/SDPO,
+    verl/trainer/ppo/ray_trainer.py, _maybe_build_self_distillation_batch), from counts summed over
+    ranks: success_sample_fraction = samples that got a solution (another rollout's success) in the
+    teacher's context, not the share of correct samples (that is critic/rewards/mean);
+    success_group_fraction = prompts with at least one success; feedback_used_fraction = samples
+    whose teacher context holds feedback (here kept tutor feedback, always used: SDPO's
+    environment_feedback_only_without_solution has no counterpart); reprompt_sample_fraction =
+    samples with any teacher context (solution or feedback)."""
     samples, groups = max(counts["samples"], 1), max(counts["groups"], 1)
     return {"self_distillation/success_sample_fraction": counts["with_solution"] / samples,
             "self_distillation/success_group_fraction": counts["success_groups"] / groups,

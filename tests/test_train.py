@@ -145,6 +145,33 @@ def test_feedback_gate_and_teacher_prompt(tokenizer):
 
 # ----------------------------------------------------------------------------- whole runs
 
+def test_self_distillation_metrics_mean_what_sdpos_trainer_means(tokenizer):
+    """success_sample_fraction is the share of samples with a solution in the teacher's context
+    (lasgroup/SDPO verl/trainer/ppo/ray_trainer.py: num_with_solution / batch_size), written out
+    here from the rewards alone as SDPO's _get_solution does with dont_reprompt_on_self_success.
+    Guards against the defect it had: the share of correct samples under SDPO's name (3/12 here)."""
+    from opcod.step import sdpo_counts, sdpo_fractions
+    problem = synthetic.generate("chemistry", 1, seed=3)[0]
+    n, rewards = 4, [1, 0, 0, 0,   0, 0, 0, 0,   1, 1, 0, 0]
+    rollouts = [Rollout(problem, [1], [2 + j], f"r{j}", float(x)) for j, x in enumerate(rewards)]
+    for g in range(0, len(rollouts), n):
+        self_anchors(rollouts[g:g + n], allow_self=False)
+    rollouts[5].feedback = "Check the group of the element."   # feedback on a rollout with no solution
+    rollouts[9].feedback = "Check the period."                 # and on one with a solution
+    teacher_contexts(rollouts, tokenizer, 64, 64)
+
+    def sdpo_has_solution(i):   # SDPO: success_by_uid[uid] minus the sample itself, non-empty
+        g = i // n * n
+        return any(rewards[j] >= 0.5 and j != i for j in range(g, g + n))
+    with_solution = sum(sdpo_has_solution(i) for i in range(len(rewards)))
+    assert with_solution == 3 + 0 + 4   # by hand: the lone success has none; a pair anchor each other
+    m = sdpo_fractions(sdpo_counts(rollouts, n))
+    assert m["self_distillation/success_sample_fraction"] == 7 / 12 != sum(rewards) / 12
+    assert m["self_distillation/success_group_fraction"] == 2 / 3
+    assert m["self_distillation/feedback_used_fraction"] == 2 / 12
+    assert m["self_distillation/reprompt_sample_fraction"] == (7 + 1) / 12   # solution or feedback
+
+
 def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     run_dir, res = demo_run
     assert "mutual Pareto improvement:" in res.stdout and "feedback outcomes:" in res.stdout
