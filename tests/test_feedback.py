@@ -128,37 +128,101 @@ def test_letters_in_ordinary_sentences_stay(text):
     assert sanitize(text, answer="B", options=[("A", "1 eV"), ("B", "3.2 eV")]) == text
 
 
-GOLD = [("A", "1.1 eV"), ("B", "3.2 eV"), ("C", "molecular orbital theory"), ("D", "none of these")]
-choose = st.sampled_from([
-    "The answer is {x}.", "Final answer: {x}", "answer - {x}", "It's {x}.", "it is {x}", "go with {x}.",
-    "Pick {x}.", "Therefore, {x}.", "So it's {x}.", "{x} is the correct answer.", "The correct option is {x}",
-    "\\boxed{{{x}}}", "**{x}**", "'{x}' is right.", "{x}",
-])
-decorate = st.sampled_from(["{}", "({})", "'{}'", "option {}", "Option {}", "choice {}"])
+OPTIONS = [("A", "1.1 eV"), ("B", "3.2 eV"), ("C", "it increases"), ("D", "it stays zero")]
+
+# Answer statements as tutors write them, collected from the audit of issue 31 and from reading
+# tutor outputs; written independently of the sanitiser's patterns (not generated from them), so a
+# phrasing the patterns miss shows up here. {x} is an option letter.
+STATEMENTS = [
+    "The answer is {x}.", "the answer should be {x}", "The correct answer is actually {x}.",
+    "So the answer would be ({x}).", "Final answer: {x}", "Final Answer: **{x}**", "Answer: {x}",
+    "The right choice is {x}.", "The best option here is {x}.", "Option {x} is the answer.",
+    "{x} is the correct option.", "Option {x} is correct.", "({x}) is right.", "'{x}' is the right one.",
+    "I would say {x}.", "I'd say {x}.", "I'd go with {x}.", "I think it's {x}.", "My answer: {x}",
+    "My pick is {x}.", "Hence the correct response is {x}.", "you should have chosen {x}",
+    "You should have picked option {x}.", "You should pick {x}.", "Choose {x}.", "Go with {x} instead.",
+    "Select option {x}.", "the correct option is actually {x}", "So it must be {x}.", "Therefore, {x}.",
+    "Thus the answer is {x}.", "It has to be {x}.", "It's clearly {x}.", "So, it's {x}.", "In conclusion, {x}.",
+    "The correct letter is {x}.", "The intended answer is {x}.", "Correct option: ({x})", "\\boxed{{{x}}}",
+    "**{x}**", "**Option {x}**", "<answer>{x}</answer>", "{x}", "The answer is option {x}.", "Answer - {x}",
+    "the answer is [{x}]", "Clearly, the answer is {x}.", "Therefore the correct choice is {x}.",
+    "It should be {x}.", "It must be option {x}.", "We pick {x}.", "The answer must be {x}!",
+    "So the final answer is {x}", "Thus, {x}.", "Overall: {x}.",
+]
+# Ordinary mentions of options inside explanations (paper App. C.2 keeps them).
+MENTIONS = [
+    "Option {x} assumes constant pressure.", "You chose {x}, but the units are off.",
+    "Compare options {x} and A: both ignore the subscript.", "So {x} is more stable than the others.",
+    "Why is {x} wrong here?", "It is {x} that has more electrons.", "Thus {x}, A and C all ignore the charge.",
+    "If you picked {x} because of the sign, recheck it.", "The value in option {x} is off by a factor of ten.",
+]
+# An option's text given as the answer, or described as the answer; {t} is an option's text.
+TEXT_STATEMENTS = ["The answer is {t}.", "Final answer: {t}", "**{t}**", "\\boxed{{{t}}}", "Therefore, {t}.",
+                   "the correct choice is {t}", "{t} is the correct answer.",
+                   "So the correct option is the one saying {t}."]
+NAMES = {"A": "1.1 eV", "B": "3.2 eV", "C": "it increases", "D": "it stays zero"}
+
+
+def _removed(out: str, x: str) -> bool:
+    return not names_letter(out, x)
+
+
+@pytest.mark.parametrize("template", STATEMENTS)
+def test_every_statement_of_any_option_goes_whichever_option_is_right(template):
+    """Each phrasing, for every letter and every gold label (and none): the statement goes and the
+    text around it stays. Guards against removal that depends on the gold label (it removed
+    "It is option B." with gold B but kept "It is option C.") and against the audit's misses
+    ("Option B is the answer.", "I would say B.", "you should have chosen B", ...)."""
+    for x in "ABCD":
+        for gold in (None, "A", "B", "C", "D"):
+            out = sanitize(f"Recheck the units.\n{template.format(x=x)}\nThen redo it.", answer=gold, options=OPTIONS)
+            assert _removed(out, x), (template, x, gold, out)
+            assert out.startswith("Recheck the units.") and out.endswith("Then redo it."), out
+
+
+@pytest.mark.parametrize("template", MENTIONS)
+def test_ordinary_mentions_stay_whichever_option_is_right(template):
+    for x in "BCD":
+        text = template.format(x=x)
+        for gold in (None, "A", "B", "C", "D"):
+            assert sanitize(text, answer=gold, options=OPTIONS) == text
+
+
 calm = st.text(alphabet="abcdefghklmnpqrtuvwxyz ,;0123456789", max_size=30)
 
 
 @settings(max_examples=400, deadline=None)
-@given(calm, choose, decorate, calm, st.sampled_from(GOLD))
-def test_with_the_gold_label_no_statement_of_its_letter_survives(before, template, deco, after, gold):
-    letter = gold[0]
-    leak = template.format(x=deco.format(letter))
-    out = sanitize(f"{before}\n{leak}\n{after}", answer=letter, options=GOLD)
-    assert not names_letter(out, letter), (leak, out)
+@given(calm, st.sampled_from(STATEMENTS + MENTIONS), calm, st.sampled_from("ABCD"))
+def test_sanitising_is_answer_blind(before, template, after, x):
+    """The property of SPEC section 4: for every phrasing and option letter, the output is the same
+    whether or not that letter (or any other) is the gold one, and a phrasing is removed for every
+    letter or for none. Guards against any gold-dependent pattern (the old `it's <gold>` rule and
+    the gold-text rules)."""
+    text = f"{before}\n{template.format(x=x)}\n{after}"
+    outs = {sanitize(text, answer=gold, options=OPTIONS) for gold in (None, "A", "B", "C", "D")}
+    assert len(outs) == 1, outs
+    removed = {_removed(sanitize(f"{before}\n{template.format(x=y)}\n{after}", options=OPTIONS), y) for y in "ABCD"}
+    assert len(removed) == 1, (template, removed)
 
 
-@settings(max_examples=300, deadline=None)
-@given(calm, st.sampled_from(["The answer is {t}.", "Final answer: {t}", "**{t}**", "\\boxed{{{t}}}",
-                              "Therefore, {t}.", "the correct choice is {t}"]), calm, st.sampled_from(GOLD))
-def test_with_the_option_texts_the_gold_text_given_as_the_answer_is_removed(before, template, after, gold):
-    label, text = gold
-    out = sanitize(f"{before}\n{template.format(t=text)}\n{after}", answer=label, options=GOLD)
-    assert text.lower() not in out.lower(), out
+@pytest.mark.parametrize("template", TEXT_STATEMENTS)
+def test_any_options_text_given_as_the_answer_goes_whichever_is_right(template):
+    """"The answer is it increases." goes like "The answer is it stays zero.", and \\boxed{1.1 eV}
+    like \\boxed{3.2 eV}, whatever the gold label. Guards against removing only the gold option's
+    text (the old rule: the gold value went, a wrong one stayed)."""
+    for label, text in OPTIONS:
+        for gold in (None, "A", "B", "C", "D"):
+            out = sanitize(f"Recheck the units.\n{template.format(t=text)}\nThen redo it.", answer=gold,
+                           options=OPTIONS)
+            assert text.lower() not in out.lower(), (template, label, gold, out)
+            assert out.startswith("Recheck the units.") and out.endswith("Then redo it."), out
 
 
-def test_the_gold_text_in_an_explanation_stays():
-    text = "3.2 eV would need a larger band gap than this material has."
-    assert sanitize(text, answer="B", options=GOLD) == text
+def test_an_options_text_in_an_explanation_stays():
+    for text in ("3.2 eV would need a larger band gap than this material has.",
+                 "1.1 eV would need a smaller band gap than this material has.", r"The gap is \boxed{2.0} eV."):
+        for gold in (None, "A", "B"):
+            assert sanitize(text, answer=gold, options=OPTIONS) == text
 
 
 def test_anchor_grounding_and_emptiness():
