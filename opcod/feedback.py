@@ -155,7 +155,10 @@ _GENERIC_LEAKS = [re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE)
                   # "the correct option is the one saying it increases": the answer by description
                   re.compile(rf"\b(?:the\s+)?(?:{_JUDGED}\s+)?{_NOUN}\s+{_BE}\s+(?:{_ADVERB}\s+)?the\s+one\s+"
                              rf"(?:that|which|saying|stating|with|where|claiming|about|in\s+which)\b[^.!?\n]*[.!?]?",
-                             re.IGNORECASE)] + _stated(_L)
+                             re.IGNORECASE),
+                  # a lead-in left with nothing after it once its answer went: "Final answer: **C**"
+                  re.compile(rf"\b(?:the\s+|my\s+|our\s+)?(?:{_JUDGED}\s+)?{_NOUN}\s*(?:{_BE}|[:=\-\u2013\u2014])"
+                             rf"[ \t]*[.!]?[ \t]*(?=\n|$)", re.IGNORECASE)] + _stated(_L)
 _BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 _BOLD = re.compile(r"\*\*([^*\n]+?)\*\*")
 _LABEL_ONLY = re.compile(rf"^(?:(?:option|choice|answer)\s*)?{_OPEN}\s*{_L}\s*(?:[)\]{_QUOTE}.:]|$)", re.IGNORECASE)

@@ -218,6 +218,14 @@ def test_any_options_text_given_as_the_answer_goes_whichever_is_right(template):
             assert out.startswith("Recheck the units.") and out.endswith("Then redo it."), out
 
 
+@pytest.mark.parametrize("x", "ABCD")
+def test_no_answer_lead_in_is_left_dangling(x):
+    """Once the letter goes, its lead-in goes too: "Final answer:" alone is no critique. Guards
+    against a kept critique that is only the stub of an answer statement."""
+    for leak in (f"Final answer: **{x}**", f"The correct answer is \\boxed{{{x}}}", f"Final answer:\n{x}"):
+        assert sanitize(f"Recheck the units.\n{leak}\nThen redo it.") == "Recheck the units.\n\nThen redo it."
+
+
 def test_an_options_text_in_an_explanation_stays():
     for text in ("3.2 eV would need a larger band gap than this material has.",
                  "1.1 eV would need a smaller band gap than this material has.", r"The gap is \boxed{2.0} eV."):
