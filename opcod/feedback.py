@@ -5,7 +5,10 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-OUTCOMES = ("kept", "no_match", "no_concept_tag", "empty", "all_generic")
+# The paper's five (Fig. 6, App. C.2), judged on the concept tag alone, then two of ours that split
+# the paper's "kept": a critique with no words once the tag is removed, and one that sanitising
+# emptied (their share measures how often the tutor just states an answer).
+OUTCOMES = ("kept", "no_match", "no_concept_tag", "empty", "all_generic", "no_critique", "sanitized_empty")
 
 STOP_WORDS = frozenset("""
 a an the and or but nor of in on at to for from by with without into onto over under about as is are
@@ -67,16 +70,17 @@ class Anchored:
 
 def anchor(feedback: str, problem_text: str, *, answer: str | None = None,
            options: list[tuple[str, str]] | None = None) -> Anchored:
-    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4);
-    the kept critique is sanitized of answer statements (with the gold label and option texts, when
-    known, of every statement of that answer), and is `empty` if nothing is left."""
+    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4)
+    and a critique with words survives sanitising (answer-blind: `answer` is not read). The concept
+    is judged first, as the paper does (no_concept_tag, empty, all_generic, no_match); a grounded
+    concept with no critique is `no_critique`, one whose critique sanitising empties is
+    `sanitized_empty`."""
     match = _CONCEPT.search(feedback)
     if match is None:
         return Anchored("no_concept_tag", None)
     concept = match.group(1).strip()
-    critique = _CONCEPT.sub(" ", feedback).strip()
     concept_words = _WORD.findall(concept)
-    if not concept_words or not _has_words(critique):
+    if not concept_words:
         return Anchored("empty", None, concept or None)
     # A one-character word or a bare number does not ground a concept in the question.
     specific = [w for w in concept_words if normalize_word(w) not in STOP_WORDS
@@ -86,9 +90,12 @@ def anchor(feedback: str, problem_text: str, *, answer: str | None = None,
     problem_words = {f for w in _WORD.findall(problem_text) for f in _forms(w)}
     if not any(grounded(w, problem_words) for w in specific):
         return Anchored("no_match", None, concept)
+    critique = _CONCEPT.sub(" ", feedback).strip()
+    if not _has_words(critique):
+        return Anchored("no_critique", None, concept)
     text = sanitize(critique, answer=answer, options=options)
     if not _has_words(text):
-        return Anchored("empty", None, concept)
+        return Anchored("sanitized_empty", None, concept)
     return Anchored("kept", text, concept)
 
 
@@ -231,6 +238,14 @@ def names_letter(text: str, letter: str) -> bool:
 class OutcomeCounts:
     """Counts of anchoring outcomes; add them across steps, all-reduce them across ranks."""
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> "OutcomeCounts":
+        """Counts read back from a checkpoint or summary; outcomes it predates count 0."""
+        unknown = set(counts) - set(OUTCOMES)
+        if unknown:
+            raise ValueError(f"unknown anchoring outcome(s) {sorted(unknown)}; expected one of {OUTCOMES}")
+        return cls({o: int(counts.get(o, 0)) for o in OUTCOMES})
 
     def add(self, outcome: str, n: int = 1) -> None:
         if outcome not in self.counts:

@@ -412,6 +412,8 @@ class CoDistillation:
         for n in self.names:
             self.optims[n][1].load_state_dict(state["schedulers"][n])
         self.progress = Progress(**state["progress"])
+        # A checkpoint from before an outcome existed counts it 0 (older "empty" counts stay as written).
+        self.progress.outcomes = OutcomeCounts.of(self.progress.outcomes).as_dict()
         if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
             with open(self.run_dir / "metrics.jsonl", "r+b") as f:  # drop lines after the checkpoint
                 f.truncate(self.progress.metrics_bytes)

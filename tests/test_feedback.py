@@ -17,8 +17,10 @@ PROBLEM = ("What is the molar mass of calcium carbonate (CaCO3)? A: 100.09 g/mol
     ("<concept>CALCIUM</concept> Check calcium's atomic mass.", "kept"),                 # case
     ("<concept>entropy of mixing</concept> Consider disorder.", "no_match"),
     ("You forgot the oxygen atoms.", "no_concept_tag"),
-    ("<concept>molar mass</concept>", "empty"),
+    ("<concept>molar mass</concept>", "no_critique"),
+    ("<concept>molar mass</concept> ... !", "no_critique"),
     ("<concept>  </concept> Some critique.", "empty"),
+    ("<concept></concept>", "empty"),
     ("<concept>the formula of the question</concept> Look again.", "all_generic"),
     ("<concept>answer value</concept> Look again.", "all_generic"),
 ])
@@ -98,8 +100,14 @@ def test_outcome_counts_merge():
     b.add("kept")
     b.add("no_match", 2)
     total = a + b
-    assert total.as_dict() == {"kept": 4, "no_match": 2, "no_concept_tag": 0, "empty": 0, "all_generic": 0}
+    assert total.as_dict() == {"kept": 4, "no_match": 2, "no_concept_tag": 0, "empty": 0, "all_generic": 0,
+                               "no_critique": 0, "sanitized_empty": 0}
     assert total.total() == 6 and set(total.as_dict()) == set(OUTCOMES)
+    # Counts saved before the two newer outcomes existed read back with them at 0.
+    old = {"kept": 4, "no_match": 2, "no_concept_tag": 1, "empty": 3, "all_generic": 0}
+    assert OutcomeCounts.of(old).as_dict() == {**old, "no_critique": 0, "sanitized_empty": 0}
+    with pytest.raises(ValueError, match="outcome"):
+        OutcomeCounts.of({"maybe": 1})
     assert total.all_reduce().as_dict() == total.as_dict()  # no process group: unchanged
     with pytest.raises(ValueError, match="outcome"):
         a.add("maybe")
@@ -241,7 +249,27 @@ def test_anchor_grounding_and_emptiness():
     # One letter or a bare number does not ground a concept, even if it "appears" in the question.
     assert anchor("<concept>A</concept> Think of pressure.", problem).outcome == "all_generic"
     assert anchor("<concept>12</concept> Think.", "What is 12 squared?").outcome == "all_generic"
-    # Nothing left once the answer statement is removed: empty, not kept with text ''.
+    # Nothing left once the answer statement is removed: its own outcome, not kept with text ''.
     result = anchor("<concept>ideal gases</concept> The answer is B.", problem, answer="B",
                     options=[("A", "Boyle"), ("B", "Charles")])
-    assert result.outcome == "empty" and result.text is None
+    assert result.outcome == "sanitized_empty" and result.text is None
+
+
+@pytest.mark.parametrize("feedback, outcome", [
+    ("<concept></concept> Count the oxygens.", "empty"),                 # the paper's empty: the tag
+    ("<concept> ? </concept> Count the oxygens.", "empty"),
+    ("<concept>molar mass</concept>", "no_critique"),                     # a grounded tag, no critique
+    ("<concept>molar mass</concept>\n  -- ", "no_critique"),
+    ("<concept>molar mass</concept> The answer is (A).", "sanitized_empty"),   # only an answer statement
+    ("<concept>molar mass</concept> Final answer: **C**", "sanitized_empty"),
+    ("<concept>molar mass</concept> \\boxed{D}. Final answer: D", "sanitized_empty"),
+    # the concept is judged first, as the paper does, whatever the critique holds
+    ("<concept>the question</concept>", "all_generic"),
+    ("<concept>entropy</concept> The answer is (A).", "no_match"),
+])
+def test_empty_tag_wordless_critique_and_sanitised_away_are_three_outcomes(feedback, outcome):
+    """The paper's `empty` is an empty concept tag only; a critique with no words and one that
+    sanitising empties get outcomes of their own. Guards against folding them into `empty`
+    (Fig. 6's shares shift) or into `kept` with an empty text."""
+    result = anchor(feedback, PROBLEM, answer="A", options=[("A", "100.09 g/mol"), ("B", "84.01 g/mol")])
+    assert result.outcome == outcome and result.text is None

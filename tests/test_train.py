@@ -219,7 +219,8 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
         assert (run_dir / "students" / name / "model.safetensors").is_file()
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant"}
-    assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic"}
+    assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic",
+                                                 "no_critique", "sanitized_empty"}
     assert (run_dir / "validation.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").is_file()
     # exported students load with transformers, tokenizer and chat template included
