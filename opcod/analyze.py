@@ -26,7 +26,7 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
     from .distributed import seed_for
     from .engine_hf import Sampling
     from .evaluate import evaluate_model
-    from .gating import best_domains, cognizance_gaps
+    from .gating import best_domains, cognizance_gaps, within_tau
     from .step import make_rollouts, prompt_ids, reanswer, request_feedback, self_anchors
     roll = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     ids = [prompt_ids(tok, p) for p in problems]
@@ -48,7 +48,7 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
             scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed, strict=strict)
     pair = {"tutee": scores[tutee], "tutor": scores[tutor]}
     gap = cognizance_gaps(pair)["tutor"]
-    out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,
+    out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": within_tau(gap, cfg.tau),
                                      "stronger_domains": sorted(best_domains(pair, "tutor")),
                                      "validation": pair["tutor"]},
            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),

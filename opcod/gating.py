@@ -29,12 +29,21 @@ def cognizance_gaps(scores: Mapping[str, Mapping[str, float]]) -> dict[str, floa
             for student, per in scores.items()}
 
 
+def within_tau(gap: float, tau: float) -> bool:
+    """The cognizance threshold, the one place it is decided (the gate and analyze's break-rate
+    pooling both call it): gap <= tau, a gap that equals tau on paper included."""
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    # The tolerance keeps a gap that equals tau on paper (0.3 vs (1.0 - 0.7) / 1.0 =
+    # 0.30000000000000004) on the cognizant side.
+    return gap <= tau + 1e-12
+
+
 def cognizant(scores: Mapping[str, Mapping[str, float]], tau: float) -> dict[str, bool]:
     """Student i is cognizant iff its gap is at most tau."""
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    # The tolerance keeps a gap that equals tau on paper (0.3 vs 1.0 - 0.7) on the cognizant side.
-    return {student: gap <= tau + 1e-12 for student, gap in cognizance_gaps(scores).items()}
+    return {student: within_tau(gap, tau) for student, gap in cognizance_gaps(scores).items()}
 
 
 def best_domains(scores: Mapping[str, Mapping[str, float]], student: str) -> set[str]:

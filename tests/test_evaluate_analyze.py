@@ -163,6 +163,26 @@ def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
         == ["50.0%", "0.0%", "0.0%"]   # the break-rates of feedback, solution and nothing there
 
 
+def test_break_rate_pools_a_tutor_as_the_gate_would_at_the_threshold(tokenizer):
+    """analyze's break-rate pooling and the training gate decide cognizance with one function: a
+    tutor whose gap equals tau on paper ((1.0 - 0.7) / 1.0 = 0.30000000000000004 at tau 0.3) is
+    cognizant in both. Guards against the two disagreeing at the threshold (analyze had gap <= tau,
+    the gate gap <= tau + 1e-12)."""
+    from opcod.analyze import measure_pair
+    from opcod.config import load_config
+    from opcod.gating import cognizant
+    cfg = load_config(overrides=["demo=true", "tau=0.3"])
+    problems = synthetic.generate("physics", 1, seed=0)
+    p = problems[0]
+    engines = {"tutee": ScriptedEngine(tokenizer, [p.answer]), "tutor": ScriptedEngine(tokenizer, ["A"])}
+    for tutor_scores, expected in (({"chemistry": 0.7, "physics": 1.0}, True),     # gap = tau on paper
+                                   ({"chemistry": 0.69, "physics": 1.0}, False)):  # gap 0.31
+        scores = {"tutee": {"chemistry": 1.0, "physics": 0.0}, "tutor": tutor_scores}
+        out = measure_pair(cfg, engines, tokenizer, "tutee", "tutor", problems, {}, 2, 0, scores=dict(scores))
+        assert out["tutor"]["cognizant"] is expected
+        assert cognizant(scores, cfg.tau)["tutor"] is expected   # the gate's verdict
+
+
 def test_token_signal_by_hand_where_the_jsd_saturates():
     """Two classes: in row 0 the student is 0.99 sure of one and the teacher 0.999 of the other, in
     row 1 they differ a little. Values and gradients by hand: forward KL's gradient on the student's

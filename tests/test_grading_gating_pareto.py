@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for)
+from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for, within_tau)
 from opcod.grading import avg_at_k, bootstrap_interval, extract_answer, reward
 from opcod.pareto import dominates, format_table, improvements, mutual_improvement
 
@@ -71,6 +71,13 @@ def test_paper_example_both_incognizant():
     assert gaps == pytest.approx({"A": 0.3, "B": 0.3})
     assert cognizant(scores, 0.2) == {"A": False, "B": False}
     assert cognizant(scores, 0.3) == {"A": True, "B": True}
+
+
+def test_the_threshold_keeps_a_gap_equal_to_tau_on_paper():
+    gap = (1.0 - 0.7) / 1.0
+    assert gap > 0.3 and within_tau(gap, 0.3) and not within_tau(0.31, 0.3) and within_tau(0.0, 0.0)
+    with pytest.raises(ValueError, match="tau"):
+        within_tau(0.1, -0.1)
 
 
 def test_zero_best_domain_counts_zero_and_three_students():
