@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 class StudentConfig:
     name: str = "student"
     path: str = ""                      # a local Hugging Face model directory
-    domain: str = ""                    # the domain it is strong in (for tables only)
+    # The domain it was trained for (its stronger domain): where gate=domain_selective lets it tutor
+    # while incognizant. Empty: the domains where it scores best on each round's validation split.
+    domain: str = ""
 
 
 @dataclass
@@ -336,6 +338,9 @@ def validate(cfg: Config) -> None:
         for i, s in enumerate(cfg.students):
             if not s.path:
                 raise ConfigError(f"config key 'students.{i}.path' is empty")
+            if s.domain and s.domain not in cfg.data.domains:
+                raise ConfigError(f"config key 'students.{i}.domain' ({s.domain!r}) is not one of data.domains "
+                                  f"{cfg.data.domains}")
     if not cfg.data.domains:
         raise ConfigError("config key 'data.domains' is empty")
 

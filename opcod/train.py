@@ -24,7 +24,7 @@ from .domains import load_domains
 from .engine_hf import Sampling
 from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
-from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
+from .gating import cognizance_gaps, cognizant, feedback_allowed, stronger_domains, tutor_for
 from .grading import avg_at_k, reward
 from .adapters import is_peft, merged, scale_of
 from .metrics import effect_metrics, score_record
@@ -215,6 +215,11 @@ class CoDistillation:
         self.progress.cursor += self.cfg.prompts_per_step
         return out[self.rank::self.world]
 
+    def stronger(self) -> dict[str, dict]:
+        """Each student's stronger domain(s) this round: its configured domain, else the validation
+        argmax (gating.stronger_domains)."""
+        return stronger_domains(self.progress.validation, {s.name: s.domain for s in self.cfg.students})
+
     def step(self, tutee: str, tutor: str) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
@@ -243,9 +248,11 @@ class CoDistillation:
         outcomes = OutcomeCounts()
         gate_open = False
         if cfg.method == "opcod":
+            own = set(self.stronger()[tutor]["domains"])
+
             def allowed(r):
-                return feedback_allowed(cfg.gate, tutor, r.problem.domain, p.validation, cfg.tau)
-            gate_open = any(feedback_allowed(cfg.gate, tutor, d, p.validation, cfg.tau) for d in cfg.data.domains)
+                return feedback_allowed(cfg.gate, tutor, r.problem.domain, p.validation, cfg.tau, own)
+            gate_open = any(feedback_allowed(cfg.gate, tutor, d, p.validation, cfg.tau, own) for d in cfg.data.domains)
             if gate_open:
                 self.ensure("tutor", tutor, snapshot=cfg.tutor_snapshot == "round_start")
                 tutor_seed = seed_for(seed, 1)
@@ -500,9 +507,16 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
             # Round start: validation scores, cognizance gaps, tutor snapshots.
             p.validation = run.evaluate_all("validation", tag=p.round)[0]
             gaps, aware = cognizance_gaps(p.validation), cognizant(p.validation, cfg.tau)
-            p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware})
+            # Where each tutor would still write feedback under gate=domain_selective, and whether
+            # that comes from its config or from this round's validation argmax.
+            stronger = run.stronger()
+            p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware,
+                             "stronger_domains": stronger})
             log(f"round {p.round}: " + ", ".join(f"{n} gap {gaps[n]:.3f} ({'cognizant' if aware[n] else 'incognizant'})"
                                                  for n in run.names))
+            if cfg.gate == "domain_selective":
+                log("domain_selective: an incognizant tutor writes feedback only on " + "; ".join(
+                    f"{n}: {', '.join(v['domains'])} (from {v['from']})" for n, v in stronger.items()))
             if cfg.method == "opcod" and cfg.tutor_snapshot == "round_start":
                 run.snapshots = {n: run.take_snapshot(n) for n in run.names}
         while p.phase < S:

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for, within_tau)
+from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, stronger_domains, tutor_for,
+                          within_tau)
 from opcod.grading import avg_at_k, bootstrap_interval, extract_answer, reward
 from opcod.pareto import dominates, format_table, improvements, mutual_improvement
 
@@ -108,6 +109,29 @@ def test_gate_modes():
     assert feedback_allowed("domain_selective", "B", "phys", scores, 0.2)
     with pytest.raises(ValueError, match="gate"):
         feedback_allowed("sometimes", "A", "chem", scores, 0.2)
+
+
+def test_domain_selective_reads_the_tutors_own_domain_and_the_argmax_only_without_one():
+    """A chemistry student that scores best on physics this round (an argmax that moved) still
+    tutors only chemistry while incognizant: paper Sec. 4.3 and 5 give feedback "only for problems
+    in its stronger domain", the one it was trained for. Guards against reading the stronger domain
+    from the current validation argmax when the config names it."""
+    # Each is best on the other's domain this round; gaps 0.1/0.6 and 0.05/0.7, both above tau 0.05.
+    scores = {"chem": {"chemistry": 0.50, "physics": 0.70}, "phys": {"chemistry": 0.60, "physics": 0.65}}
+    assert not any(cognizant(scores, 0.05).values())
+    declared = stronger_domains(scores, {"chem": "chemistry", "phys": "physics"})
+    assert declared == {"chem": {"domains": ["chemistry"], "from": "config"},
+                        "phys": {"domains": ["physics"], "from": "config"}}
+    own = declared["chem"]["domains"]
+    assert feedback_allowed("domain_selective", "chem", "chemistry", scores, 0.05, own)
+    assert not feedback_allowed("domain_selective", "chem", "physics", scores, 0.05, own)
+    # without a declared domain: the argmax, and the record says so
+    argmax = stronger_domains(scores, {"chem": "", "phys": "physics"})
+    assert argmax == {"chem": {"domains": ["physics"], "from": "validation"},
+                      "phys": {"domains": ["physics"], "from": "config"}}
+    assert feedback_allowed("domain_selective", "chem", "physics", scores, 0.05, argmax["chem"]["domains"])
+    assert not feedback_allowed("domain_selective", "chem", "chemistry", scores, 0.05, argmax["chem"]["domains"])
+    assert stronger_domains(scores)["phys"] == {"domains": ["chemistry"], "from": "validation"}
 
 
 def test_tutor_rotation():

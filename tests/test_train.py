@@ -62,6 +62,27 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(overrides=[])
 
 
+def test_the_trainer_gates_domain_selective_on_each_students_configured_domain(tmp_path):
+    """CoDistillation.stronger, which the step's gate and summary.json's rounds read: the domain
+    StudentConfig.domain names, the validation argmax only for a student without one. Guards against
+    StudentConfig.domain being read nowhere (it was "for tables only")."""
+    from types import SimpleNamespace
+
+    from opcod.train import CoDistillation
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"gate": "domain_selective", "data": {"domains": ["chemistry", "physics"]},
+                                 "students": [{"name": "chem", "path": "x", "domain": "chemistry"},
+                                              {"name": "other", "path": "y"}]}))
+    cfg = load_config(str(f))
+    validation = {"chem": {"chemistry": 0.5, "physics": 0.7}, "other": {"chemistry": 0.6, "physics": 0.6}}
+    run = SimpleNamespace(cfg=cfg, progress=SimpleNamespace(validation=validation))
+    assert CoDistillation.stronger(run) == {"chem": {"domains": ["chemistry"], "from": "config"},
+                                            "other": {"domains": ["chemistry"], "from": "validation"}}
+    f.write_text(f.read_text().replace("domain: chemistry", "domain: geology"))
+    with pytest.raises(ConfigError, match="students.0.domain"):
+        load_config(str(f))
+
+
 def _cli(tmp_path, cfg_dict, *extra):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
@@ -218,7 +239,10 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
             assert ci["change"][0] <= s["final"][d] - s["initial"][d] <= ci["change"][1]
         assert (run_dir / "students" / name / "model.safetensors").is_file()
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant"}
+    assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant", "stronger_domains"}
+    # the demo's students are built for one domain each, and the config says which
+    assert {n: v["from"] for n, v in summary["rounds"][0]["stronger_domains"].items()} == \
+        {n: "config" for n in summary["students"]}
     assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic",
                                                  "no_critique", "sanitized_empty"}
     assert (run_dir / "validation.png").stat().st_size > 1000
