@@ -115,12 +115,15 @@ def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
 
 # ----------------------------------------------------------------------------- the step
 
-@pytest.mark.parametrize("args", [["--normalize", "token"], ["--ac", "--own-head", "--normalize", "sequence"]],
-                         ids=["token", "sequence-checkpointing-teacher-head"])
+@pytest.mark.parametrize("args", [["--normalize", "token"], ["--ac", "--normalize", "sequence"],
+                                  ["--ac", "--own-head", "--normalize", "sequence"]],
+                         ids=["token", "sequence-checkpointing", "sequence-checkpointing-teacher-head"])
 def test_fsdp_distillation_gradients_match_float64_reference(args):
     """Over 2 ranks and micro-batches with sequences of different lengths: the token mean or each
-    sequence's token mean averaged over all sequences; checkpointing really recomputing layers;
-    an EMA-like teacher scoring with its own lm_head."""
+    sequence's token mean averaged over all sequences; checkpointing really recomputing layers
+    (guards against model.activation_checkpointing silently doing nothing: the recompute is counted
+    in every case, with or without a separate teacher); an EMA-like teacher scoring with its own
+    lm_head."""
     res = torchrun(HERE / "dist" / "check_distill_fsdp.py", *args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "worst grad rel err" in res.stdout
