@@ -129,6 +129,34 @@ def test_fsdp_distillation_gradients_match_float64_reference(args):
     assert "worst grad rel err" in res.stdout
 
 
+def test_ema_update_by_hand():
+    """loss.teacher_weights=ema: teacher <- 0.95 teacher + 0.05 student on every trained parameter
+    (SDPO's dp_actor._update_teacher), by hand on numbers: 1 -> 0.95 * 1 + 0.05 * 3 = 1.1. Guards
+    against the rate applied the other way round (0.05 teacher + 0.95 student = 2.9) and against
+    frozen parameters moving."""
+    from opcod.models import ema_update
+    teacher, student = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0), teacher.bias.fill_(-1.0)
+        student.weight.fill_(3.0), student.bias.fill_(5.0)
+    student.bias.requires_grad_(False)            # as a LoRA student's frozen base
+    ema_update(teacher, student, 0.05)
+    assert torch.allclose(teacher.weight, torch.full((2, 2), 1.1))
+    assert torch.equal(teacher.bias, torch.full((2,), -1.0))
+    assert torch.equal(student.weight, torch.full((2, 2), 3.0))   # the student is untouched
+
+
+@pytest.mark.parametrize("args", [[], ["--lora"]], ids=["full", "lora"])
+def test_fsdp_ema_teacher_follows_sdpos_update_over_steps(args):
+    """Under FSDP2 on 2 ranks, after real optimizer steps: every shard of the teacher follows SDPO's
+    update, step by step and in closed form over three steps (tests/dist/check_ema.py), with LoRA on
+    the adapters. Guards against an update that misses a rank's shard or inverts the rate (a frozen
+    parameter moving: test_ema_update_by_hand, since a LoRA base equals the teacher's anyway)."""
+    res = torchrun(HERE / "dist" / "check_ema.py", *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "closed-form rel err" in res.stdout
+
+
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_engine_weights_equal_trainer_weights_after_sync(tiny_students, mode):
     _, cfg_path = tiny_students
