@@ -324,6 +324,9 @@ def _hints_cli(args) -> int:
 def compare_runs(run_dirs: Sequence[Path]) -> dict:
     """Per student and domain: initial and each run's final score; Pareto verdicts against the
     initial student and between runs."""
+    names = [str(Path(d).resolve()) for d in run_dirs]
+    if len(set(names)) != len(names):  # keyed by directory, a repeat would silently drop out
+        raise ValueError(f"compare: a run directory is given more than once: {[str(d) for d in run_dirs]}")
     summaries = {str(d): json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
     first = next(iter(summaries.values()))
     students = sorted(first["students"])
@@ -344,7 +347,11 @@ def _compare_cli(args) -> int:
     if missing:
         print(f"opcod.analyze: no summary.json in {', '.join(missing)}", file=sys.stderr)
         return 2
-    cmp = compare_runs(dirs)
+    try:
+        cmp = compare_runs(dirs)
+    except ValueError as exc:
+        print(f"opcod.analyze: {exc}", file=sys.stderr)
+        return 2
     names = {r: Path(r).name for r in cmp["runs"]}
     for s, info in cmp["students"].items():
         domains = sorted(info["initial"])
