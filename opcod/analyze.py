@@ -26,12 +26,13 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
     from .distributed import seed_for
     from .engine_hf import Sampling
     from .evaluate import evaluate_model
-    from .gating import best_domains, cognizance_gaps
+    from .gating import best_domains, cognizance_gaps, within_tau
     from .step import make_rollouts, prompt_ids, reanswer, request_feedback, self_anchors
     roll = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     ids = [prompt_ids(tok, p) for p in problems]
     outs = engines[tutee].generate([i for i in ids for _ in range(n)], roll, seed_for(seed, 0))
-    rollouts = make_rollouts(problems, ids, outs, n, tok)
+    strict = cfg.grading.require_closing_tag
+    rollouts = make_rollouts(problems, ids, outs, n, tok, strict=strict)
     for g in range(len(problems)):
         self_anchors(rollouts[g * n:(g + 1) * n], allow_self=cfg.loss.allow_self_anchor)
     fb = Sampling(cfg.feedback.temperature, cfg.feedback.top_p, cfg.feedback.max_new_tokens)
@@ -39,15 +40,15 @@ def measure_pair(cfg, engines, tok, tutee: str, tutor: str, problems, val, n: in
                               lambda ps: engines[tutor].generate(ps, fb, seed_for(seed, 1)), tok)
     # Only rollouts whose feedback was kept are counted (App. E), so only they are re-answered.
     post = reanswer(rollouts, lambda ps: engines[tutee].generate(ps, roll, seed_for(seed, 2)), tok,
-                    cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+                    cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens, strict=strict)
     ev = Sampling(cfg.evaluation.temperature, cfg.evaluation.top_p, cfg.evaluation.max_new_tokens)
     scores = {} if scores is None else scores
     for path in (tutee, tutor):
         if path not in scores:
-            scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed)
+            scores[path] = evaluate_model(engines[path], tok, val, cfg.val_k, ev, seed, strict=strict)
     pair = {"tutee": scores[tutee], "tutor": scores[tutor]}
     gap = cognizance_gaps(pair)["tutor"]
-    out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": gap <= cfg.tau,
+    out = {"tutee": tutee, "tutor": {"path": tutor, "gap": gap, "cognizant": within_tau(gap, cfg.tau),
                                      "stronger_domains": sorted(best_domains(pair, "tutor")),
                                      "validation": pair["tutor"]},
            "feedback_outcomes": counts.as_dict(), "rollouts": len(rollouts),
@@ -323,6 +324,9 @@ def _hints_cli(args) -> int:
 def compare_runs(run_dirs: Sequence[Path]) -> dict:
     """Per student and domain: initial and each run's final score; Pareto verdicts against the
     initial student and between runs."""
+    names = [str(Path(d).resolve()) for d in run_dirs]
+    if len(set(names)) != len(names):  # keyed by directory, a repeat would silently drop out
+        raise ValueError(f"compare: a run directory is given more than once: {[str(d) for d in run_dirs]}")
     summaries = {str(d): json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
     first = next(iter(summaries.values()))
     students = sorted(first["students"])
@@ -343,7 +347,11 @@ def _compare_cli(args) -> int:
     if missing:
         print(f"opcod.analyze: no summary.json in {', '.join(missing)}", file=sys.stderr)
         return 2
-    cmp = compare_runs(dirs)
+    try:
+        cmp = compare_runs(dirs)
+    except ValueError as exc:
+        print(f"opcod.analyze: {exc}", file=sys.stderr)
+        return 2
     names = {r: Path(r).name for r in cmp["runs"]}
     for s, info in cmp["students"].items():
         domains = sorted(info["initial"])

@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 class StudentConfig:
     name: str = "student"
     path: str = ""                      # a local Hugging Face model directory
-    domain: str = ""                    # the domain it is strong in (for tables only)
+    # The domain it was trained for (its stronger domain): where gate=domain_selective lets it tutor
+    # while incognizant. Empty: the domains where it scores best on each round's validation split.
+    domain: str = ""
 
 
 @dataclass
@@ -105,6 +107,13 @@ class LoggingConfig:
 
 
 @dataclass
+class GradingConfig:
+    # false: SDPO's reading, the text after the last <answer> up to a </answer> if one follows (a
+    # truncated answer still scores); true: a closing </answer> is required.
+    require_closing_tag: bool = False
+
+
+@dataclass
 class LoRAConfig:
     rank: int = 0                       # 0: train every weight; > 0: LoRA adapters through PEFT
     alpha: float = 16.0
@@ -149,6 +158,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -328,6 +338,9 @@ def validate(cfg: Config) -> None:
         for i, s in enumerate(cfg.students):
             if not s.path:
                 raise ConfigError(f"config key 'students.{i}.path' is empty")
+            if s.domain and s.domain not in cfg.data.domains:
+                raise ConfigError(f"config key 'students.{i}.domain' ({s.domain!r}) is not one of data.domains "
+                                  f"{cfg.data.domains}")
     if not cfg.data.domains:
         raise ConfigError("config key 'data.domains' is empty")
 

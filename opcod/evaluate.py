@@ -21,25 +21,25 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
 
 def sample_rewards(engine, tokenizer, problems: dict[str, list[Problem]], k: int, sampling: Sampling,
-                   seed: int = 0) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, int]]]:
+                   seed: int = 0, *, strict: bool = False) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, int]]]:
     """(rewards, distinct): per domain and problem id, the 0/1 reward of each of k samples from
     whatever `engine` holds (any object with generate(prompts, sampling, seed)), and how many of the
-    k responses differ from one another."""
+    k responses differ from one another. `strict`: grading needs a closing </answer>."""
     rewards, distinct = {}, {}
     for i, (domain, probs) in enumerate(sorted(problems.items())):
         prompts = [prompt_ids(tokenizer, p) for p in probs for _ in range(k)]
         outs = engine.generate(prompts, sampling, seed + i * len(prompts))  # request j: seed + j
         groups = {p.id: outs[j * k:(j + 1) * k] for j, p in enumerate(probs)}
-        rewards[domain] = {p.id: [reward(tokenizer.decode(o, skip_special_tokens=True), p.answer)
+        rewards[domain] = {p.id: [reward(tokenizer.decode(o, skip_special_tokens=True), p.answer, strict=strict)
                                   for o in groups[p.id]] for p in probs}
         distinct[domain] = {pid: len({tuple(o) for o in g}) for pid, g in groups.items()}
     return rewards, distinct
 
 
 def evaluate_model(engine, tokenizer, problems: dict[str, list[Problem]], k: int, sampling: Sampling,
-                   seed: int = 0) -> dict[str, float]:
+                   seed: int = 0, *, strict: bool = False) -> dict[str, float]:
     """avg@k per domain of whatever `engine` holds."""
-    rewards, _ = sample_rewards(engine, tokenizer, problems, k, sampling, seed)
+    rewards, _ = sample_rewards(engine, tokenizer, problems, k, sampling, seed, strict=strict)
     return {d: avg_at_k(list(r.values())) for d, r in rewards.items()}
 
 
@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the scores, every sample's reward and the number of distinct "
                                    "responses per problem as JSON here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--require-closing-tag", action="store_true",
+                    help="grade an answer only when </answer> closes it (default: SDPO's reading, which also "
+                         "reads an unclosed, truncated answer; the config's grading.require_closing_tag also sets it)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         overrides = [f"data.domains=[{','.join(args.domains)}]"] if args.domains else []
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
         print(f"opcod.evaluate: {exc}", file=sys.stderr)
         return 2
     problems = test if args.split == "test" else val
+    strict = args.require_closing_tag or cfg.grading.require_closing_tag
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens or cfg.evaluation.max_new_tokens)
     engine_cfg = dataclasses.replace(cfg.engine, kind=args.engine or cfg.engine.kind)
     device = device_of_rank()
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
         engine = make_engine(engine_cfg, m, bucket_bytes=1 << 20, dtype=dtype, seed=args.seed, tokenizer=tokenizer,
                              device=device)
         try:
-            rewards[m], distinct[m] = sample_rewards(engine, tokenizer, problems, args.k, sampling, args.seed)
+            rewards[m], distinct[m] = sample_rewards(engine, tokenizer, problems, args.k, sampling, args.seed,
+                                                         strict=strict)
         finally:
             engine.close()
         results[m] = {d: avg_at_k(list(r.values())) for d, r in rewards[m].items()}

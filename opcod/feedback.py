@@ -1,10 +1,14 @@
 """Feedback anchoring: classify a tutor's critique by its <concept> tag and strip answer leaks."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
-OUTCOMES = ("kept", "no_match", "no_concept_tag", "empty", "all_generic")
+# The paper's five (Fig. 6, App. C.2), judged on the concept tag alone, then two of ours that split
+# the paper's "kept": a critique with no words once the tag is removed, and one that sanitising
+# emptied (their share measures how often the tutor just states an answer).
+OUTCOMES = ("kept", "no_match", "no_concept_tag", "empty", "all_generic", "no_critique", "sanitized_empty")
 
 STOP_WORDS = frozenset("""
 a an the and or but nor of in on at to for from by with without into onto over under about as is are
@@ -66,16 +70,17 @@ class Anchored:
 
 def anchor(feedback: str, problem_text: str, *, answer: str | None = None,
            options: list[tuple[str, str]] | None = None) -> Anchored:
-    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4);
-    the kept critique is sanitized of answer statements (with the gold label and option texts, when
-    known, of every statement of that answer), and is `empty` if nothing is left."""
+    """Keep feedback only if its <concept> names a non-generic word of the problem (SPEC section 4)
+    and a critique with words survives sanitising (answer-blind: `answer` is not read). The concept
+    is judged first, as the paper does (no_concept_tag, empty, all_generic, no_match); a grounded
+    concept with no critique is `no_critique`, one whose critique sanitising empties is
+    `sanitized_empty`."""
     match = _CONCEPT.search(feedback)
     if match is None:
         return Anchored("no_concept_tag", None)
     concept = match.group(1).strip()
-    critique = _CONCEPT.sub(" ", feedback).strip()
     concept_words = _WORD.findall(concept)
-    if not concept_words or not _has_words(critique):
+    if not concept_words:
         return Anchored("empty", None, concept or None)
     # A one-character word or a bare number does not ground a concept in the question.
     specific = [w for w in concept_words if normalize_word(w) not in STOP_WORDS
@@ -85,9 +90,12 @@ def anchor(feedback: str, problem_text: str, *, answer: str | None = None,
     problem_words = {f for w in _WORD.findall(problem_text) for f in _forms(w)}
     if not any(grounded(w, problem_words) for w in specific):
         return Anchored("no_match", None, concept)
+    critique = _CONCEPT.sub(" ", feedback).strip()
+    if not _has_words(critique):
+        return Anchored("no_critique", None, concept)
     text = sanitize(critique, answer=answer, options=options)
     if not _has_words(text):
-        return Anchored("empty", None, concept)
+        return Anchored("sanitized_empty", None, concept)
     return Anchored("kept", text, concept)
 
 
@@ -96,40 +104,68 @@ def _has_words(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- answer leaks
+# Sanitising is answer-blind (SPEC section 4): every phrasing below is applied to every option letter
+# and to every option's text alike, so whether a statement goes never depends on which option is
+# right. A filter that removed only statements of the gold option would leave the teacher's context
+# with claims of wrong options more often than of the right one: feedback biased towards misleading.
 # Option letters are capitals: "a" the article, or "a function of T", is never option A.
 _L = r"(?-i:[A-J])"
 _QUOTE = "'\"\u2018\u2019\u201c\u201d`"
 _OPEN = rf"[(\[{_QUOTE}]{{0,2}}"
 _CLOSE = rf"[)\]{_QUOTE}]{{0,2}}"
 _END = r"(?![\w-])"  # not "B-field", "B12", "Bs"
+# Where a bare statement must stop to count as a final answer: the end of a sentence or a line.
+# "So it must be B." goes; "so B decreases" and "Thus A, B and C are..." stay.
+_SENTENCE_END = r"[ \t]*(?:[.!](?=\s|$)|(?=\n)|$)"
+_NOUN = r"(?:answer|option|choice|pick)"
+_JUDGED = r"(?:final|correct|right|best|true|only|actual|intended|proper)"
+_ADVERB = (r"(?:therefore|thus|then|hence|clearly|definitely|probably|simply|actually|really|indeed|obviously|"
+           r"certainly|surely|likely|most\s+likely|in\s+fact|just)")
+_BE = r"(?:is|was|will\s+be|would\s+be|should\s+be|must\s+be|has\s+to\s+be|can\s+only\s+be|'s)"
 
 
 def _stated(what: str) -> list[re.Pattern]:
-    """Phrases that state `what` (a letter class, or one option's text) as the answer."""
-    thing = rf"(?:(?:option|choice|answer)\s+)?{_OPEN}\s*{what}\s*{_CLOSE}{_END}"
-    flags = re.IGNORECASE
+    """Phrases that state `what` (the letter class, or one option's text) as the final answer."""
+    thing = rf"(?:(?:option|choice|answer|letter)\s+)?{_OPEN}\s*{what}\s*{_CLOSE}{_END}"
+    flags = re.IGNORECASE | re.MULTILINE
     return [
-        # "the (final/correct) answer (here/therefore) is ...", "Final answer - B", "answer: (B)"
-        re.compile(rf"\b(?:the\s+)?(?:(?:final|correct|right|best|true|only|actual)\s+)?(?:answer|option|choice|pick)"
-                   rf"(?:\s+(?:here|then|therefore|thus|hence))?\s*(?:(?:is|was|will\s+be|would\s+be|should\s+be|"
-                   rf"must\s+be)(?:\s+(?:therefore|thus|then|clearly|definitely|probably|simply))?|[:=\-\u2013\u2014])"
+        # "the (final/correct) answer (here) is (actually) X", "Final answer - B", "answer: (B)",
+        # "Hence the correct response is B" (response/letter/selection only with a judging word)
+        re.compile(rf"\b(?:the\s+|my\s+|our\s+)?(?:(?:{_JUDGED}\s+)?{_NOUN}|{_JUDGED}\s+(?:response|letter|selection))"
+                   rf"(?:\s+(?:here|then|therefore|thus|hence))?\s*(?:{_BE}(?:\s*,?\s*{_ADVERB},?)?|[:=\-\u2013\u2014])"
                    rf"\s*{thing}[.!]?", flags),
-        # "B is the correct answer", "option B is right"
-        re.compile(rf"{thing}\s+is\s+(?:the\s+)?(?:correct|right|best|true)(?:\s+(?:answer|option|choice|one))?"
-                   rf"\b[.!]?", flags),
-        # a conclusion closing a line: "Therefore, D.", "So it's B."
-        re.compile(rf"\b(?:therefore|thus|hence|so|overall|in\s+conclusion)\s*,?\s*(?:(?:it(?:'s|\s+is)|we\s+(?:get|"
-                   rf"have|pick|choose))\s+)?{thing}\s*[.!]?[ \t]*(?=$|\n)", flags | re.MULTILINE),
-        # choosing it: "pick B", "go with option C"
-        re.compile(rf"\b(?:choose|pick|select|go\s+with|opt\s+for|circle|answer\s+with|respond\s+with)\s+{thing}[.!]?",
-                   flags),
+        # "B is the correct answer", "option B is right", "Option B is the answer."
+        re.compile(rf"{thing}\s+(?:is|would\s+be|must\s+be)\s+(?:(?:the\s+)?(?:{_JUDGED})(?:\s+(?:answer|option|choice|"
+                   rf"one|response))?\b|(?:the|my|our)\s+(?:final\s+)?answer\b)[.!]?", flags),
+        # a conclusion: "Therefore, D.", "So it's B.", "So it must be B.", "Hence we pick C."
+        re.compile(rf"\b(?:therefore|thus|hence|so|overall|in\s+conclusion|consequently)\s*[,:]?\s*(?:(?:it(?:'s|\s+is)|"
+                   rf"it\s+(?:must|should|has\s+to|would|will|can\s+only)\s+be|we\s+(?:get|have|pick|choose))\s+)?"
+                   rf"{thing}{_SENTENCE_END}", flags),
+        # "It's B.", "It must be option C." ending a sentence
+        re.compile(rf"\bit(?:'s|\s+is|\s+(?:must|should|has\s+to|would|will|can\s+only)\s+be)\s+(?:{_ADVERB}\s+)?"
+                   rf"{thing}{_SENTENCE_END}", flags),
+        # choosing it: "pick B", "go with option C", "you should have chosen B" (not "you chose B",
+        # which reports the tutee's own answer)
+        re.compile(rf"\b(?:(?:should|would|could|must)(?:\s+have|'ve)\s+(?:chosen|picked|selected|gone\s+with|"
+                   rf"opted\s+for|circled|answered)|choose|pick|select|go\s+with|opt\s+for|circle|answer\s+with|"
+                   rf"respond\s+with)\s+{thing}[.!]?", flags),
+        # "I would say B.", "I'd go with C", "we answer D"
+        re.compile(rf"\b(?:I|we)(?:\s+would|'d|\s+will|'ll|\s+should)?\s+(?:say|guess|answer|go\s+with|pick|choose|"
+                   rf"select|opt\s+for)\s+{thing}{_SENTENCE_END}", flags),
         # a line that is nothing but the choice
-        re.compile(rf"^[ \t]*{thing}[ \t]*[.!]?[ \t]*$", flags | re.MULTILINE),
+        re.compile(rf"^[ \t]*{thing}[ \t]*[.!]?[ \t]*$", flags),
     ]
 
 
 _GENERIC_LEAKS = [re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE),
-                  re.compile(rf"</?answer>(?:\s*{_L}{_END})?", re.IGNORECASE)] + _stated(_L)
+                  re.compile(rf"</?answer>(?:\s*{_L}{_END})?", re.IGNORECASE),
+                  # "the correct option is the one saying it increases": the answer by description
+                  re.compile(rf"\b(?:the\s+)?(?:{_JUDGED}\s+)?{_NOUN}\s+{_BE}\s+(?:{_ADVERB}\s+)?the\s+one\s+"
+                             rf"(?:that|which|saying|stating|with|where|claiming|about|in\s+which)\b[^.!?\n]*[.!?]?",
+                             re.IGNORECASE),
+                  # a lead-in left with nothing after it once its answer went: "Final answer: **C**"
+                  re.compile(rf"\b(?:the\s+|my\s+|our\s+)?(?:{_JUDGED}\s+)?{_NOUN}\s*(?:{_BE}|[:=\-\u2013\u2014])"
+                             rf"[ \t]*[.!]?[ \t]*(?=\n|$)", re.IGNORECASE)] + _stated(_L)
 _BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 _BOLD = re.compile(r"\*\*([^*\n]+?)\*\*")
 _LABEL_ONLY = re.compile(rf"^(?:(?:option|choice|answer)\s*)?{_OPEN}\s*{_L}\s*(?:[)\]{_QUOTE}.:]|$)", re.IGNORECASE)
@@ -142,34 +178,42 @@ def _plain(tex: str) -> str:
     return t.strip().strip(_QUOTE + "()[]{}.:").strip()
 
 
-def _same_text(a: str, b: str) -> bool:
-    return re.sub(r"\s+", " ", a).strip().lower() == re.sub(r"\s+", " ", b).strip().lower()
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def _option_patterns(texts: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    """_stated for every option text (longer than one character, any whitespace between its words)."""
+    out = []
+    for t in texts:
+        out += _stated(r"\s+".join(map(re.escape, t.split())))
+    return tuple(out)
 
 
 def sanitize(text: str, *, answer: str | None = None, options: list[tuple[str, str]] | None = None) -> str:
-    """Remove stated answers: boxed or bold letters, <answer> tags, "the answer is (B)", "Final answer
-    - B", "Therefore, D." ...; with the gold `answer` and `options` (label, text) also every other
-    way of choosing that letter ("it's B", "go with B") and the gold option's text given as the
-    answer ("the answer is 3.2 eV", "**3.2 eV**"). Numeric boxed values and ordinary mentions of
-    options ("option B assumes...") stay. Unchanged if nothing leaks."""
-    gold_text = next((t for label, t in options or () if label == answer), None) if answer else None
-    patterns = list(_GENERIC_LEAKS)
-    if answer:
-        g = re.escape(answer)
-        patterns.append(re.compile(rf"\bit(?:'s|\s+is)\s+(?:(?:option|choice)\s+)?{_OPEN}\s*(?-i:{g})\s*{_CLOSE}"
-                                   rf"{_END}\s*[.!]?(?=\s|$)", re.IGNORECASE))
-        if gold_text and len(gold_text.strip()) > 1:
-            patterns += _stated(re.escape(gold_text.strip()))
+    """Remove every statement of an option as the final answer, whichever option it names: boxed or
+    bold letters, <answer> tags, "the answer is (B)", "Final answer - B", "Therefore, D.", "I would
+    say B.", "you should have chosen B", "the correct option is the one saying ..."; with `options`
+    (label, text), also any option's text given as the answer ("the answer is 3.2 eV", "**3.2 eV**",
+    "\\boxed{3.2 eV}"). Numeric boxed values that are no option's text and ordinary mentions of
+    options ("option B assumes...", "you chose B") stay. `answer`, the gold label, is accepted and
+    not read: what goes never depends on which option is right (SPEC section 4). Unchanged if
+    nothing leaks."""
+    del answer  # answer-blind by construction
+    texts = tuple(sorted({_squash(t) for _, t in options or () if len(_squash(t)) > 1}))
+    patterns = list(_GENERIC_LEAKS) + list(_option_patterns(texts))
+
+    def is_option_text(span: str) -> bool:
+        return _squash(span) in texts
 
     def boxed(m):
         inner = _plain(m.group(1))
-        leak = re.fullmatch(_L, inner) or (gold_text and _same_text(inner, gold_text))
-        return "" if leak else m.group(0)
+        return "" if re.fullmatch(_L, inner) or is_option_text(inner) else m.group(0)
 
     def bold(m):
         inner = m.group(1).strip()
-        leak = _LABEL_ONLY.match(inner) or (gold_text and _same_text(_plain(inner), gold_text))
-        return "" if leak else m.group(0)
+        return "" if _LABEL_ONLY.match(inner) or is_option_text(_plain(inner)) else m.group(0)
 
     out = text
     for _ in range(10):  # removals can join text into a new leak; repeat to a fixed point
@@ -194,6 +238,14 @@ def names_letter(text: str, letter: str) -> bool:
 class OutcomeCounts:
     """Counts of anchoring outcomes; add them across steps, all-reduce them across ranks."""
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> "OutcomeCounts":
+        """Counts read back from a checkpoint or summary; outcomes it predates count 0."""
+        unknown = set(counts) - set(OUTCOMES)
+        if unknown:
+            raise ValueError(f"unknown anchoring outcome(s) {sorted(unknown)}; expected one of {OUTCOMES}")
+        return cls({o: int(counts.get(o, 0)) for o in OUTCOMES})
 
     def add(self, outcome: str, n: int = 1) -> None:
         if outcome not in self.counts:

@@ -1,7 +1,7 @@
 """Cognizance gaps, the cognizance gate and its ablation modes, and tutor rotation."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 GATE_MODES = ("cognizance", "always", "never", "domain_selective")
 
@@ -29,12 +29,21 @@ def cognizance_gaps(scores: Mapping[str, Mapping[str, float]]) -> dict[str, floa
             for student, per in scores.items()}
 
 
+def within_tau(gap: float, tau: float) -> bool:
+    """The cognizance threshold, the one place it is decided (the gate and analyze's break-rate
+    pooling both call it): gap <= tau, a gap that equals tau on paper included."""
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    # The tolerance keeps a gap that equals tau on paper (0.3 vs (1.0 - 0.7) / 1.0 =
+    # 0.30000000000000004) on the cognizant side.
+    return gap <= tau + 1e-12
+
+
 def cognizant(scores: Mapping[str, Mapping[str, float]], tau: float) -> dict[str, bool]:
     """Student i is cognizant iff its gap is at most tau."""
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    # The tolerance keeps a gap that equals tau on paper (0.3 vs 1.0 - 0.7) on the cognizant side.
-    return {student: gap <= tau + 1e-12 for student, gap in cognizance_gaps(scores).items()}
+    return {student: within_tau(gap, tau) for student, gap in cognizance_gaps(scores).items()}
 
 
 def best_domains(scores: Mapping[str, Mapping[str, float]], student: str) -> set[str]:
@@ -43,9 +52,27 @@ def best_domains(scores: Mapping[str, Mapping[str, float]], student: str) -> set
     return {d for d in best if scores[student][d] >= best[d]}
 
 
+def stronger_domains(scores: Mapping[str, Mapping[str, float]],
+                     declared: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Per student, its stronger domain(s), where an incognizant tutor still writes feedback under
+    `domain_selective` (paper Sec. 4.3, 5: the domain the student was trained for): the domain its
+    config declares (StudentConfig.domain), else the domains where it scores best on validation.
+    {student: {"domains": [...], "from": "config" | "validation"}}."""
+    out = {}
+    for student in scores:
+        own = (declared or {}).get(student)
+        if own:
+            out[student] = {"domains": [own], "from": "config"}
+        else:
+            out[student] = {"domains": sorted(best_domains(scores, student)), "from": "validation"}
+    return out
+
+
 def feedback_allowed(mode: str, tutor: str, domain: str, scores: Mapping[str, Mapping[str, float]],
-                     tau: float) -> bool:
-    """Whether `tutor` writes feedback on a problem of `domain` under the gate `mode`."""
+                     tau: float, stronger: Collection[str] | None = None) -> bool:
+    """Whether `tutor` writes feedback on a problem of `domain` under the gate `mode`; `stronger`:
+    the tutor's stronger domains for `domain_selective` (stronger_domains; default: its best
+    domains on `scores`)."""
     if mode == "always":
         return True
     if mode == "never":
@@ -53,7 +80,8 @@ def feedback_allowed(mode: str, tutor: str, domain: str, scores: Mapping[str, Ma
     if mode == "cognizance":
         return cognizant(scores, tau)[tutor]
     if mode == "domain_selective":
-        return cognizant(scores, tau)[tutor] or domain in best_domains(scores, tutor)
+        own = best_domains(scores, tutor) if stronger is None else stronger
+        return cognizant(scores, tau)[tutor] or domain in own
     raise ValueError(f"gate must be one of {GATE_MODES}, got {mode!r}")
 
 

@@ -1,4 +1,4 @@
-"""Grading of MCQ responses (last <answer> tag vs the gold letter), the avg@k score and its
+"""Grading of MCQ responses (the last <answer> tag vs the gold letter, as SDPO reads it), the avg@k score and its
 bootstrap interval."""
 from __future__ import annotations
 
@@ -9,20 +9,24 @@ import numpy as np
 _OPEN, _CLOSE = "<answer>", "</answer>"
 
 
-def extract_answer(text: str) -> str | None:
-    """The stripped text between the last <answer> and the </answer> after it; None if missing."""
+def extract_answer(text: str, *, strict: bool = False) -> str | None:
+    """The prediction: the stripped text after the last <answer>, up to the next </answer> if there is
+    one, as SDPO reads it (verl/utils/reward_score/feedback/mcq.py, extract_xml_answer: an unclosed or
+    truncated answer is still read). None without any <answer> (SDPO would read the whole text
+    there; SPEC section 3 scores it 0). `strict`: None unless a </answer> closes the last <answer>."""
     start = text.rfind(_OPEN)
     if start < 0:
         return None
-    end = text.find(_CLOSE, start + len(_OPEN))
+    tail = text[start + len(_OPEN):]
+    end = tail.find(_CLOSE)
     if end < 0:
-        return None
-    return text[start + len(_OPEN):end].strip()
+        return None if strict else tail.strip()
+    return tail[:end].strip()
 
 
-def reward(text: str, gold: str) -> float:
-    """1.0 iff the extracted answer equals the gold letter exactly, else 0.0."""
-    return 1.0 if extract_answer(text) == gold else 0.0
+def reward(text: str, gold: str, *, strict: bool = False) -> float:
+    """1.0 iff the extracted answer equals the gold letter exactly, else 0.0 (`strict`: see extract_answer)."""
+    return 1.0 if extract_answer(text, strict=strict) == gold else 0.0
 
 
 def avg_at_k(rewards: Sequence[Sequence[float]]) -> float:

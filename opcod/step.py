@@ -87,7 +87,7 @@ def teacher_contexts(rollouts: Sequence[Rollout], tokenizer, max_solution_tokens
 
 
 def reanswer(rollouts: Sequence[Rollout], generate, tokenizer, max_solution_tokens: int,
-             max_feedback_tokens: int) -> dict[str, dict[int, float]]:
+             max_feedback_tokens: int, *, strict: bool = False) -> dict[str, dict[int, float]]:
     """{arm: {rollout index: reward}}: the tutee answering again every rollout whose feedback was
     kept, in each arm of effects.ARMS (the training teacher's context, the solution only, nothing).
     `generate(prompts)` must sample every arm with one seed: each rollout's re-answers then share
@@ -98,19 +98,46 @@ def reanswer(rollouts: Sequence[Rollout], generate, tokenizer, max_solution_toke
         again = [reprompt_ids(rollouts[i], *context(rollouts[i], arm), tokenizer, max_solution_tokens,
                               max_feedback_tokens) for i in kept]
         outs = generate(again) if kept else []
-        post[arm] = {i: reward(tokenizer.decode(o, skip_special_tokens=True), rollouts[i].problem.answer)
-                     for i, o in zip(kept, outs)}
+        post[arm] = {i: reward(tokenizer.decode(o, skip_special_tokens=True), rollouts[i].problem.answer,
+                               strict=strict) for i, o in zip(kept, outs)}
     return post
 
 
 def make_rollouts(problems: Sequence[Problem], ids: Sequence[list[int]], responses: Sequence[list[int]],
-                  n: int, tokenizer) -> list[Rollout]:
+                  n: int, tokenizer, *, strict: bool = False) -> list[Rollout]:
     out = []
     for i, resp in enumerate(responses):
         problem = problems[i // n]
         text = tokenizer.decode(resp, skip_special_tokens=True)
-        out.append(Rollout(problem, ids[i // n], list(resp), text, reward(text, problem.answer)))
+        out.append(Rollout(problem, ids[i // n], list(resp), text, reward(text, problem.answer, strict=strict)))
     return out
+
+
+def sdpo_counts(rollouts: Sequence[Rollout], n: int) -> dict[str, int]:
+    """This rank's counts behind SDPO's self_distillation/* fractions (sdpo_fractions), to be summed
+    over ranks first: rollouts come n per prompt, in order, with their self-anchors set."""
+    groups = [rollouts[g:g + n] for g in range(0, len(rollouts), n)]
+    return {"samples": len(rollouts), "groups": len(groups),
+            "success_groups": sum(any(r.reward > 0 for r in g) for g in groups),
+            "with_solution": sum(r.solution is not None for r in rollouts),
+            "with_feedback": sum(r.feedback is not None for r in rollouts),
+            "with_teacher": sum(r.has_teacher for r in rollouts)}
+
+
+def sdpo_fractions(counts: dict[str, int]) -> dict[str, float]:
+    """SDPO's self_distillation/* step metrics, with the meanings of its trainer (lasgroup/SDPO,
+    verl/trainer/ppo/ray_trainer.py, _maybe_build_self_distillation_batch), from counts summed over
+    ranks: success_sample_fraction = samples that got a solution (another rollout's success) in the
+    teacher's context, not the share of correct samples (that is critic/rewards/mean);
+    success_group_fraction = prompts with at least one success; feedback_used_fraction = samples
+    whose teacher context holds feedback (here kept tutor feedback, always used: SDPO's
+    environment_feedback_only_without_solution has no counterpart); reprompt_sample_fraction =
+    samples with any teacher context (solution or feedback)."""
+    samples, groups = max(counts["samples"], 1), max(counts["groups"], 1)
+    return {"self_distillation/success_sample_fraction": counts["with_solution"] / samples,
+            "self_distillation/success_group_fraction": counts["success_groups"] / groups,
+            "self_distillation/feedback_used_fraction": counts["with_feedback"] / samples,
+            "self_distillation/reprompt_sample_fraction": counts["with_teacher"] / samples}
 
 
 def pack(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, device):

@@ -24,7 +24,7 @@ from .domains import load_domains
 from .engine_hf import Sampling
 from .engines import Engines, make_engine
 from .feedback import OutcomeCounts
-from .gating import cognizance_gaps, cognizant, feedback_allowed, tutor_for
+from .gating import cognizance_gaps, cognizant, feedback_allowed, stronger_domains, tutor_for
 from .grading import avg_at_k, reward
 from .adapters import is_peft, merged, scale_of
 from .metrics import effect_metrics, score_record
@@ -34,7 +34,8 @@ from .models import (AdapterFree, Student, apply_update, check_model_dir, comput
 from .plan import Shape
 from .rundir import RunLock, check_config
 from .step import (distill_backward, grpo_backward, group_advantages, loss_denominator, make_rollouts,
-                   old_logprobs, prompt_ids, reanswer, request_feedback, self_anchors, teacher_contexts)
+                   old_logprobs, prompt_ids, reanswer, request_feedback, sdpo_counts, sdpo_fractions,
+                   self_anchors, teacher_contexts)
 from .trackers import Trackers, check_installed
 from .weight_sync import SyncStats, bucket_bytes_for, hf_name, iter_full_params
 
@@ -180,7 +181,8 @@ class CoDistillation:
             prompts = [self.prompt_ids(p) for p in mine for _ in range(k)]
             outs = self.engines.generate("rollout", prompts, self.sampling(self.cfg.evaluation),
                                          seed_for(self.cfg.seed, tag, self.names.index(name), d_index, self.rank))
-            local = {p.id: [reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer)
+            local = {p.id: [reward(self.tokenizer.decode(o, skip_special_tokens=True), p.answer,
+                                   strict=self.cfg.grading.require_closing_tag)
                             for o in outs[i * k:(i + 1) * k]] for i, p in enumerate(mine)}
             shards = [None] * self.world
             dist.all_gather_object(shards, local)
@@ -213,6 +215,11 @@ class CoDistillation:
         self.progress.cursor += self.cfg.prompts_per_step
         return out[self.rank::self.world]
 
+    def stronger(self) -> dict[str, dict]:
+        """Each student's stronger domain(s) this round: its configured domain, else the validation
+        argmax (gating.stronger_domains)."""
+        return stronger_domains(self.progress.validation, {s.name: s.domain for s in self.cfg.students})
+
     def step(self, tutee: str, tutor: str) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
@@ -227,7 +234,8 @@ class CoDistillation:
         self.ensure("rollout", tutee)
         responses = self.engines.generate("rollout", [i for i in ids for _ in range(n)],
                                           self.sampling(cfg.rollout), seed)
-        rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer)
+        rollouts = make_rollouts(problems, ids, responses, n, self.tokenizer,
+                                 strict=cfg.grading.require_closing_tag)
         # Copies of a prompt must sample differently (per-request seeds); 1.0 when all n differ.
         distinct = sum(len({tuple(r.response_ids) for r in rollouts[g * n:(g + 1) * n]})
                        for g in range(len(problems)))
@@ -240,9 +248,11 @@ class CoDistillation:
         outcomes = OutcomeCounts()
         gate_open = False
         if cfg.method == "opcod":
+            own = set(self.stronger()[tutor]["domains"])
+
             def allowed(r):
-                return feedback_allowed(cfg.gate, tutor, r.problem.domain, p.validation, cfg.tau)
-            gate_open = any(feedback_allowed(cfg.gate, tutor, d, p.validation, cfg.tau) for d in cfg.data.domains)
+                return feedback_allowed(cfg.gate, tutor, r.problem.domain, p.validation, cfg.tau, own)
+            gate_open = any(feedback_allowed(cfg.gate, tutor, d, p.validation, cfg.tau, own) for d in cfg.data.domains)
             if gate_open:
                 self.ensure("tutor", tutor, snapshot=cfg.tutor_snapshot == "round_start")
                 tutor_seed = seed_for(seed, 1)
@@ -258,7 +268,7 @@ class CoDistillation:
             reanswer_seed = seed_for(seed, 2)
             post = reanswer(rollouts, lambda prompts: self.engines.generate(
                 "rollout", prompts, self.sampling(cfg.rollout), reanswer_seed), self.tokenizer,
-                cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens)
+                cfg.loss.max_solution_tokens, cfg.loss.max_feedback_tokens, strict=cfg.grading.require_closing_tag)
             local = effects.step_counts(effects.records_of(rollouts, post, n))
             effect_counts = dict(zip(local, map(int, all_sum(list(local.values()), self.device))))
         t_eff = time.perf_counter()
@@ -286,13 +296,11 @@ class CoDistillation:
         t_sync = time.perf_counter()
 
         lengths = [len(r.response_ids) for r in rollouts]
-        groups = [rollouts[g * n:(g + 1) * n] for g in range(len(problems))]
-        (rewards, with_teacher, count, distinct, leaks, tokens, clipped, prompt_tokens, solved_groups, group_count,
-         with_feedback) = all_sum(
-            [sum(r.reward for r in rollouts), sum(r.has_teacher for r in rollouts), len(rollouts), distinct,
+        local_sd = sdpo_counts(rollouts, n)
+        (rewards, count, distinct, leaks, tokens, clipped, prompt_tokens, *sd) = all_sum(
+            [sum(r.reward for r in rollouts), len(rollouts), distinct,
              sum(r.leak for r in rollouts), sum(lengths), sum(x >= cfg.rollout.max_new_tokens for x in lengths),
-             sum(len(r.prompt_ids) for r in rollouts), sum(any(r.reward > 0 for r in g) for g in groups),
-             len(groups), sum(r.feedback is not None for r in rollouts)], self.device)
+             sum(len(r.prompt_ids) for r in rollouts), *local_sd.values()], self.device)
         longest = torch.tensor(float(max(lengths, default=0)), device=self.device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         outcomes = outcomes.all_reduce()
@@ -309,10 +317,7 @@ class CoDistillation:
                 "critic/rewards/mean": rewards / count,
                 "response_length/mean": tokens / count, "response_length/max": float(longest),
                 "response_length/clip_ratio": clipped / count,
-                "self_distillation/success_sample_fraction": rewards / count,
-                "self_distillation/success_group_fraction": solved_groups / group_count,
-                "self_distillation/feedback_used_fraction": with_feedback / count,
-                "self_distillation/reprompt_sample_fraction": with_teacher / count,
+                **sdpo_fractions(dict(zip(local_sd, map(int, sd)))),
                 "timing_s/gen": t_gen - t0, "timing_s/feedback": t_fb - t_gen, "timing_s/effects": t_eff - t_fb,
                 "timing_s/update_actor": t_bwd - t_eff,
                 "timing_s/update_weights": t_sync - t_bwd, "timing_s/step": t_sync - t0,
@@ -414,6 +419,8 @@ class CoDistillation:
         for n in self.names:
             self.optims[n][1].load_state_dict(state["schedulers"][n])
         self.progress = Progress(**state["progress"])
+        # A checkpoint from before an outcome existed counts it 0 (older "empty" counts stay as written).
+        self.progress.outcomes = OutcomeCounts.of(self.progress.outcomes).as_dict()
         if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
             with open(self.run_dir / "metrics.jsonl", "r+b") as f:  # drop lines after the checkpoint
                 f.truncate(self.progress.metrics_bytes)
@@ -500,9 +507,16 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
             # Round start: validation scores, cognizance gaps, tutor snapshots.
             p.validation = run.evaluate_all("validation", tag=p.round)[0]
             gaps, aware = cognizance_gaps(p.validation), cognizant(p.validation, cfg.tau)
-            p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware})
+            # Where each tutor would still write feedback under gate=domain_selective, and whether
+            # that comes from its config or from this round's validation argmax.
+            stronger = run.stronger()
+            p.rounds.append({"round": p.round, "validation": p.validation, "gaps": gaps, "cognizant": aware,
+                             "stronger_domains": stronger})
             log(f"round {p.round}: " + ", ".join(f"{n} gap {gaps[n]:.3f} ({'cognizant' if aware[n] else 'incognizant'})"
                                                  for n in run.names))
+            if cfg.gate == "domain_selective":
+                log("domain_selective: an incognizant tutor writes feedback only on " + "; ".join(
+                    f"{n}: {', '.join(v['domains'])} (from {v['from']})" for n, v in stronger.items()))
             if cfg.method == "opcod" and cfg.tutor_snapshot == "round_start":
                 run.snapshots = {n: run.take_snapshot(n) for n in run.names}
         while p.phase < S:

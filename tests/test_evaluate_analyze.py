@@ -40,6 +40,23 @@ def test_evaluate_avg_at_k_on_scripted_answers(tokenizer):
     assert "50.0%" in format_scores({"m": scores})
 
 
+def test_evaluate_reads_a_truncated_answer_as_sdpo_does_unless_strict(tokenizer):
+    """A response cut off after its answer letter (no </answer>) scores by default, as in SDPO's
+    reading; with the strict option (grading.require_closing_tag / --require-closing-tag) it does not.
+    Guards against evaluation grading stricter than training, or than SDPO."""
+    from opcod.config import load_config
+    problems = {"physics": synthetic.generate("physics", 1, seed=0)}
+    p = problems["physics"][0]
+
+    class Truncated:
+        def generate(self, prompts, sampling, seed):
+            return [tokenizer.encode(f"<reasoning>r</reasoning><answer>\n{p.answer}") for _ in prompts]
+    assert evaluate_model(Truncated(), tokenizer, problems, 2, Sampling(0.6, 0.95, 8)) == {"physics": 1.0}
+    assert evaluate_model(Truncated(), tokenizer, problems, 2, Sampling(0.6, 0.95, 8), strict=True) == {"physics": 0.0}
+    assert load_config(overrides=["demo=true"]).grading.require_closing_tag is False
+    assert load_config(overrides=["demo=true", "grading.require_closing_tag=true"]).grading.require_closing_tag
+
+
 def _records(pre, post, domain="physics"):
     """Records of every rollout (all kept) from per-problem pre and per-arm post rewards."""
     out = []
@@ -146,6 +163,101 @@ def test_pairs_aggregate_by_cognizance_and_the_tutors_stronger_domain():
         == ["50.0%", "0.0%", "0.0%"]   # the break-rates of feedback, solution and nothing there
 
 
+def test_break_rate_pools_a_tutor_as_the_gate_would_at_the_threshold(tokenizer):
+    """analyze's break-rate pooling and the training gate decide cognizance with one function: a
+    tutor whose gap equals tau on paper ((1.0 - 0.7) / 1.0 = 0.30000000000000004 at tau 0.3) is
+    cognizant in both. Guards against the two disagreeing at the threshold (analyze had gap <= tau,
+    the gate gap <= tau + 1e-12)."""
+    from opcod.analyze import measure_pair
+    from opcod.config import load_config
+    from opcod.gating import cognizant
+    cfg = load_config(overrides=["demo=true", "tau=0.3"])
+    problems = synthetic.generate("physics", 1, seed=0)
+    p = problems[0]
+    engines = {"tutee": ScriptedEngine(tokenizer, [p.answer]), "tutor": ScriptedEngine(tokenizer, ["A"])}
+    for tutor_scores, expected in (({"chemistry": 0.7, "physics": 1.0}, True),     # gap = tau on paper
+                                   ({"chemistry": 0.69, "physics": 1.0}, False)):  # gap 0.31
+        scores = {"tutee": {"chemistry": 1.0, "physics": 0.0}, "tutor": tutor_scores}
+        out = measure_pair(cfg, engines, tokenizer, "tutee", "tutor", problems, {}, 2, 0, scores=dict(scores))
+        assert out["tutor"]["cognizant"] is expected
+        assert cognizant(scores, cfg.tau)["tutor"] is expected   # the gate's verdict
+
+
+class QueueEngine:
+    """Answers each call from a queue of per-prompt answers, and records the prompts it was given."""
+
+    def __init__(self, tokenizer, calls, wrap=lambda a: f"<answer>{a}</answer>"):
+        self.tokenizer, self.calls, self.wrap, self.seen = tokenizer, list(calls), wrap, []
+
+    def generate(self, prompts, sampling, seed):
+        answers = self.calls.pop(0)
+        assert len(answers) == len(prompts), (answers, len(prompts))
+        self.seen.append([self.tokenizer.decode(x) for x in prompts])
+        return [self.tokenizer.encode(self.wrap(a)) for a in answers]
+
+
+def test_break_rate_counts_only_rollouts_whose_feedback_was_kept_by_hand(tokenizer):
+    """measure_pair on 2 problems x n = 2 rollouts, the tutor's feedback kept on rollouts 0 and 2
+    only (no_match on the others), re-answers scripted per arm: by hand, in the feedback arm rollout
+    0 (correct) breaks and rollout 2 (wrong) is fixed. Guards against counting rollouts whose feedback
+    was not kept (4 records instead of 2) and against re-answers landing on the wrong rollout; the
+    tutee must have been asked each problem n times, in order."""
+    from opcod.analyze import measure_pair
+    from opcod.config import load_config
+    cfg = load_config(overrides=["demo=true"])
+    problems = synthetic.generate("physics", 2, seed=0)
+    p0, p1 = problems
+    right = [p.answer for p in problems]
+    wrong = [next(label for label, _ in p.options if label != p.answer) for p in problems]
+    tutee = QueueEngine(tokenizer, [
+        [right[0], wrong[0], wrong[1], wrong[1]],    # rollouts: rewards 1, 0, 0, 0
+        [wrong[0], right[1]],                         # feedback arm, rollouts 0 and 2: broke, fixed
+        [right[0], wrong[1]],                         # solution arm: no change
+        [right[0], wrong[1]]])                        # nothing arm: no change
+    ungrounded = "<concept>entropy of mixing</concept> Think again about it."
+    tutor = QueueEngine(tokenizer, [[p0.meta["feedback"], ungrounded, p1.meta["feedback"], ungrounded]],
+                        wrap=lambda a: a)
+    scores = {"tutee": {"physics": 1.0}, "tutor": {"physics": 0.5}}
+    out = measure_pair(cfg, {"tutee": tutee, "tutor": tutor}, tokenizer, "tutee", "tutor", problems, {}, 2, 0,
+                       scores=scores)
+    assert out["feedback_outcomes"]["kept"] == 2 and out["feedback_outcomes"]["no_match"] == 2
+    assert [(r.pre, r.post) for r in out["records"]] == [
+        (1.0, {"feedback": 0.0, "solution": 1.0, "nothing": 1.0}),
+        (0.0, {"feedback": 1.0, "solution": 0.0, "nothing": 0.0})]
+    assert [r.wrong for r in out["records"]] == [1, 2]          # wrong rollouts of each one's problem
+    overall = effects(out["records"], 2)["overall"]["feedback"]
+    assert (overall["correct"], overall["broken"], overall["wrong"], overall["fixed"]) == (1, 1, 1, 1)
+    first = tutee.seen[0]
+    assert out["rollouts"] == 4 and [p0.prompt in t for t in first] == [True, True, False, False]
+    assert all(p1.prompt in t for t in first[2:])
+    assert tutor.calls == [] and tutee.calls == []               # nothing asked twice, nothing skipped
+
+
+def test_compare_runs_dominance_by_hand(tmp_path):
+    """Four runs' final scores against one initial student: fast dominates same_a and same_b (>= on
+    both domains, > on x); same_a and same_b hold equal scores in different directories, so neither
+    dominates the other; skewed trades y for x and neither dominates nor is dominated by fast.
+    Guards against a non-strict dominance (equal runs dominating each other) and against runs
+    collapsing into one (the old test compared a run with itself, keyed twice by one path)."""
+    initial = {"x": 0.5, "y": 0.4}
+    finals = {"fast": {"x": 0.6, "y": 0.5}, "same_a": {"x": 0.5, "y": 0.5}, "same_b": {"x": 0.5, "y": 0.5},
+              "skewed": {"x": 0.7, "y": 0.3}}
+    dirs = []
+    for name, final in finals.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"students": {"s": {"initial": initial, "final": final}}}))
+        dirs.append(d)
+    info = compare_runs(dirs)["students"]["s"]
+    short = {str(d): d.name for d in dirs}
+    assert {short[r]: sorted(short[b] for b in bs) for r, bs in info["dominates"].items()} == {
+        "fast": ["same_a", "same_b"], "same_a": [], "same_b": [], "skewed": []}
+    assert {short[r]: v for r, v in info["improves_on_initial"].items()} == {
+        "fast": True, "same_a": True, "same_b": True, "skewed": False}
+    with pytest.raises(ValueError, match="more than once"):
+        compare_runs([dirs[0], dirs[1], tmp_path / "fast"])
+
+
 def test_token_signal_by_hand_where_the_jsd_saturates():
     """Two classes: in row 0 the student is 0.99 sure of one and the teacher 0.999 of the other, in
     row 1 they differ a little. Values and gradients by hand: forward KL's gradient on the student's
@@ -225,11 +337,9 @@ def test_break_rate_cli_over_pairs_of_demo_students(demo_run, demo_env, tmp_path
     result = json.loads(out.read_text())
     assert result["n"] == 4 and len(result["pairs"]) == 2
     for p in result["pairs"]:
-        assert p["rollouts"] == 4 * 3 * 2 and set(p["effects"]["overall"]) == set(ARMS)
+        # (what counts as a record, by hand: test_break_rate_counts_only_rollouts_whose_feedback_was_kept_by_hand)
+        assert set(p["effects"]["overall"]) == set(ARMS)
         kept = p["feedback_outcomes"]["kept"]
-        for arm in ARMS:
-            o = p["effects"]["overall"][arm]
-            assert o["correct"] + o["wrong"] == kept   # only kept feedback counts
         # --signal: one record per rollout with kept feedback, of the tutee as its own teacher.
         assert len(p["signal"]) == kept and all(s["divergence"] >= 0 for s in p["signal"])
         assert all(0 <= s["largest_token"] < s["tokens"] for s in p["signal"])
@@ -260,10 +370,7 @@ def test_analyze_run_and_compare_on_a_real_run(demo_run, capsys):
         for arm, r in e["arms"].items():
             assert r["correct"] == sum(s["opcod/effects/correct"] for s in phase)
             assert r["fixed"] == sum(s[f"opcod/effects/{arm}/fixed"] for s in phase)
-    assert analyze_main(["compare", str(run_dir), str(run_dir)]) == 0
-    cmp = compare_runs([run_dir, run_dir])
-    for info in cmp["students"].values():  # a run never dominates an identical one
-        assert all(not v for v in info["dominates"].values())
+    assert analyze_main(["compare", str(run_dir), str(run_dir)]) == 2   # the same run twice: refused
     assert analyze_main(["run", str(run_dir / "nope")]) == 2
 
 

@@ -1,22 +1,51 @@
 """Grading, avg@k, cognizance gating and Pareto verdicts against hand computations."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, tutor_for)
+from opcod.gating import (best_domains, cognizance_gaps, cognizant, feedback_allowed, stronger_domains, tutor_for,
+                          within_tau)
 from opcod.grading import avg_at_k, bootstrap_interval, extract_answer, reward
 from opcod.pareto import dominates, format_table, improvements, mutual_improvement
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<reasoning>x</reasoning><answer>B</answer>", "B"),
-    ("<answer>\nC\n</answer>", "C"),
-    ("<answer>A</answer> then <answer> D </answer>", "D"),          # the last tag wins
-    ("<answer>A</answer> then <answer>D", None),                   # the last opening is unclosed
-    ("no tags at all", None),
-    ("<answer>B", None),
-    ("<answer></answer>", ""),
+def sdpo_extract(text: str) -> str | None:
+    """SDPO's MCQ reading written out (lasgroup/SDPO verl/utils/reward_score/feedback/mcq.py,
+    extract_xml_answer), with SPEC section 3's one change: no <answer> at all reads nothing."""
+    if "<answer>" not in text:
+        return None
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
+
+
+@pytest.mark.parametrize("text, expected, strict_expected", [
+    ("<reasoning>x</reasoning><answer>B</answer>", "B", "B"),
+    ("<answer>\nC\n</answer>", "C", "C"),
+    ("<answer>A</answer> then <answer> D </answer>", "D", "D"),       # the last tag wins
+    # Guards against grading stricter than SDPO: an unclosed or truncated last answer is still read.
+    ("<answer>A</answer> then <answer>D", "D", None),
+    ("<reasoning>long</reasoning>\n<answer>\nB\n", "B", None),
+    ("<answer>B", "B", None),
+    ("<answer>B</answer> trailing </answer>", "B", "B"),             # up to the first close after it
+    ("no tags at all", None, None),
+    ("B", None, None),                                                 # no tag: 0 (SDPO would read "B")
+    ("<answer></answer>", "", ""),
 ])
-def test_extract_answer(text, expected):
+def test_extract_answer(text, expected, strict_expected):
     assert extract_answer(text) == expected
+    assert extract_answer(text, strict=True) == strict_expected
+
+
+_pieces = st.sampled_from(["<answer>", "</answer>", "A", "B", " ", "\n", "x", "<reasoning>", "answer", "<"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_pieces, max_size=12).map("".join))
+def test_extract_answer_is_sdpos_reading(text):
+    """Against SDPO's split-based formula on texts made of tags, letters and filler: guards against a
+    reading that drifts from SDPO's (needing the close, taking the first tag, not stripping)."""
+    assert extract_answer(text) == sdpo_extract(text)
+    strict = extract_answer(text, strict=True)
+    assert strict is None or strict == sdpo_extract(text)
 
 
 def test_reward_is_exact_match():
@@ -24,6 +53,9 @@ def test_reward_is_exact_match():
     assert reward("<answer>b</answer>", "B") == 0.0
     assert reward("<answer>B.</answer>", "B") == 0.0
     assert reward("B", "B") == 0.0
+    # A response cut off after its answer letter scores, as in SDPO; the strict option refuses it.
+    assert reward("<reasoning>r</reasoning><answer>\nB", "B") == 1.0
+    assert reward("<reasoning>r</reasoning><answer>\nB", "B", strict=True) == 0.0
 
 
 def test_avg_at_k():
@@ -40,6 +72,13 @@ def test_paper_example_both_incognizant():
     assert gaps == pytest.approx({"A": 0.3, "B": 0.3})
     assert cognizant(scores, 0.2) == {"A": False, "B": False}
     assert cognizant(scores, 0.3) == {"A": True, "B": True}
+
+
+def test_the_threshold_keeps_a_gap_equal_to_tau_on_paper():
+    gap = (1.0 - 0.7) / 1.0
+    assert gap > 0.3 and within_tau(gap, 0.3) and not within_tau(0.31, 0.3) and within_tau(0.0, 0.0)
+    with pytest.raises(ValueError, match="tau"):
+        within_tau(0.1, -0.1)
 
 
 def test_zero_best_domain_counts_zero_and_three_students():
@@ -70,6 +109,29 @@ def test_gate_modes():
     assert feedback_allowed("domain_selective", "B", "phys", scores, 0.2)
     with pytest.raises(ValueError, match="gate"):
         feedback_allowed("sometimes", "A", "chem", scores, 0.2)
+
+
+def test_domain_selective_reads_the_tutors_own_domain_and_the_argmax_only_without_one():
+    """A chemistry student that scores best on physics this round (an argmax that moved) still
+    tutors only chemistry while incognizant: paper Sec. 4.3 and 5 give feedback "only for problems
+    in its stronger domain", the one it was trained for. Guards against reading the stronger domain
+    from the current validation argmax when the config names it."""
+    # Each is best on the other's domain this round; gaps 0.1/0.6 and 0.05/0.7, both above tau 0.05.
+    scores = {"chem": {"chemistry": 0.50, "physics": 0.70}, "phys": {"chemistry": 0.60, "physics": 0.65}}
+    assert not any(cognizant(scores, 0.05).values())
+    declared = stronger_domains(scores, {"chem": "chemistry", "phys": "physics"})
+    assert declared == {"chem": {"domains": ["chemistry"], "from": "config"},
+                        "phys": {"domains": ["physics"], "from": "config"}}
+    own = declared["chem"]["domains"]
+    assert feedback_allowed("domain_selective", "chem", "chemistry", scores, 0.05, own)
+    assert not feedback_allowed("domain_selective", "chem", "physics", scores, 0.05, own)
+    # without a declared domain: the argmax, and the record says so
+    argmax = stronger_domains(scores, {"chem": "", "phys": "physics"})
+    assert argmax == {"chem": {"domains": ["physics"], "from": "validation"},
+                      "phys": {"domains": ["physics"], "from": "config"}}
+    assert feedback_allowed("domain_selective", "chem", "physics", scores, 0.05, argmax["chem"]["domains"])
+    assert not feedback_allowed("domain_selective", "chem", "chemistry", scores, 0.05, argmax["chem"]["domains"])
+    assert stronger_domains(scores)["phys"] == {"domains": ["chemistry"], "from": "validation"}
 
 
 def test_tutor_rotation():

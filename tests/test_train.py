@@ -64,6 +64,27 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(overrides=[])
 
 
+def test_the_trainer_gates_domain_selective_on_each_students_configured_domain(tmp_path):
+    """CoDistillation.stronger, which the step's gate and summary.json's rounds read: the domain
+    StudentConfig.domain names, the validation argmax only for a student without one. Guards against
+    StudentConfig.domain being read nowhere (it was "for tables only")."""
+    from types import SimpleNamespace
+
+    from opcod.train import CoDistillation
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"gate": "domain_selective", "data": {"domains": ["chemistry", "physics"]},
+                                 "students": [{"name": "chem", "path": "x", "domain": "chemistry"},
+                                              {"name": "other", "path": "y"}]}))
+    cfg = load_config(str(f))
+    validation = {"chem": {"chemistry": 0.5, "physics": 0.7}, "other": {"chemistry": 0.6, "physics": 0.6}}
+    run = SimpleNamespace(cfg=cfg, progress=SimpleNamespace(validation=validation))
+    assert CoDistillation.stronger(run) == {"chem": {"domains": ["chemistry"], "from": "config"},
+                                            "other": {"domains": ["chemistry"], "from": "validation"}}
+    f.write_text(f.read_text().replace("domain: chemistry", "domain: geology"))
+    with pytest.raises(ConfigError, match="students.0.domain"):
+        load_config(str(f))
+
+
 def _cli(tmp_path, cfg_dict, *extra):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
@@ -96,15 +117,46 @@ def test_cli_rejects_bad_inputs_by_name(tiny_students, tmp_path):
 
 # ----------------------------------------------------------------------------- the step
 
-@pytest.mark.parametrize("args", [["--normalize", "token"], ["--ac", "--own-head", "--normalize", "sequence"]],
-                         ids=["token", "sequence-checkpointing-teacher-head"])
+@pytest.mark.parametrize("args", [["--normalize", "token"], ["--ac", "--normalize", "sequence"],
+                                  ["--ac", "--own-head", "--normalize", "sequence"]],
+                         ids=["token", "sequence-checkpointing", "sequence-checkpointing-teacher-head"])
 def test_fsdp_distillation_gradients_match_float64_reference(args):
     """Over 2 ranks and micro-batches with sequences of different lengths: the token mean or each
-    sequence's token mean averaged over all sequences; checkpointing really recomputing layers;
-    an EMA-like teacher scoring with its own lm_head."""
+    sequence's token mean averaged over all sequences; checkpointing really recomputing layers
+    (guards against model.activation_checkpointing silently doing nothing: the recompute is counted
+    in every case, with or without a separate teacher); an EMA-like teacher scoring with its own
+    lm_head."""
     res = torchrun(HERE / "dist" / "check_distill_fsdp.py", *args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "worst grad rel err" in res.stdout
+
+
+def test_ema_update_by_hand():
+    """loss.teacher_weights=ema: teacher <- 0.95 teacher + 0.05 student on every trained parameter
+    (SDPO's dp_actor._update_teacher), by hand on numbers: 1 -> 0.95 * 1 + 0.05 * 3 = 1.1. Guards
+    against the rate applied the other way round (0.05 teacher + 0.95 student = 2.9) and against
+    frozen parameters moving."""
+    from opcod.models import ema_update
+    teacher, student = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0), teacher.bias.fill_(-1.0)
+        student.weight.fill_(3.0), student.bias.fill_(5.0)
+    student.bias.requires_grad_(False)            # as a LoRA student's frozen base
+    ema_update(teacher, student, 0.05)
+    assert torch.allclose(teacher.weight, torch.full((2, 2), 1.1))
+    assert torch.equal(teacher.bias, torch.full((2,), -1.0))
+    assert torch.equal(student.weight, torch.full((2, 2), 3.0))   # the student is untouched
+
+
+@pytest.mark.parametrize("args", [[], ["--lora"]], ids=["full", "lora"])
+def test_fsdp_ema_teacher_follows_sdpos_update_over_steps(args):
+    """Under FSDP2 on 2 ranks, after real optimizer steps: every shard of the teacher follows SDPO's
+    update, step by step and in closed form over three steps (tests/dist/check_ema.py), with LoRA on
+    the adapters. Guards against an update that misses a rank's shard or inverts the rate (a frozen
+    parameter moving: test_ema_update_by_hand, since a LoRA base equals the teacher's anyway)."""
+    res = torchrun(HERE / "dist" / "check_ema.py", *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "closed-form rel err" in res.stdout
 
 
 @pytest.mark.parametrize("mode", ["separate", "shared"])
@@ -146,6 +198,33 @@ def test_feedback_gate_and_teacher_prompt(tokenizer):
 
 
 # ----------------------------------------------------------------------------- whole runs
+
+def test_self_distillation_metrics_mean_what_sdpos_trainer_means(tokenizer):
+    """success_sample_fraction is the share of samples with a solution in the teacher's context
+    (lasgroup/SDPO verl/trainer/ppo/ray_trainer.py: num_with_solution / batch_size), written out
+    here from the rewards alone as SDPO's _get_solution does with dont_reprompt_on_self_success.
+    Guards against the defect it had: the share of correct samples under SDPO's name (3/12 here)."""
+    from opcod.step import sdpo_counts, sdpo_fractions
+    problem = synthetic.generate("chemistry", 1, seed=3)[0]
+    n, rewards = 4, [1, 0, 0, 0,   0, 0, 0, 0,   1, 1, 0, 0]
+    rollouts = [Rollout(problem, [1], [2 + j], f"r{j}", float(x)) for j, x in enumerate(rewards)]
+    for g in range(0, len(rollouts), n):
+        self_anchors(rollouts[g:g + n], allow_self=False)
+    rollouts[5].feedback = "Check the group of the element."   # feedback on a rollout with no solution
+    rollouts[9].feedback = "Check the period."                 # and on one with a solution
+    teacher_contexts(rollouts, tokenizer, 64, 64)
+
+    def sdpo_has_solution(i):   # SDPO: success_by_uid[uid] minus the sample itself, non-empty
+        g = i // n * n
+        return any(rewards[j] >= 0.5 and j != i for j in range(g, g + n))
+    with_solution = sum(sdpo_has_solution(i) for i in range(len(rewards)))
+    assert with_solution == 3 + 0 + 4   # by hand: the lone success has none; a pair anchor each other
+    m = sdpo_fractions(sdpo_counts(rollouts, n))
+    assert m["self_distillation/success_sample_fraction"] == 7 / 12 != sum(rewards) / 12
+    assert m["self_distillation/success_group_fraction"] == 2 / 3
+    assert m["self_distillation/feedback_used_fraction"] == 2 / 12
+    assert m["self_distillation/reprompt_sample_fraction"] == (7 + 1) / 12   # solution or feedback
+
 
 def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
     run_dir, res = demo_run
@@ -198,8 +277,12 @@ def test_two_process_default_run_writes_every_artifact(demo_run, demo_env):
             assert ci["change"][0] <= s["final"][d] - s["initial"][d] <= ci["change"][1]
         assert (run_dir / "students" / name / "model.safetensors").is_file()
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant"}
-    assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic"}
+    assert set(summary["rounds"][0]) == {"round", "validation", "gaps", "cognizant", "stronger_domains"}
+    # the demo's students are built for one domain each, and the config says which
+    assert {n: v["from"] for n, v in summary["rounds"][0]["stronger_domains"].items()} == \
+        {n: "config" for n in summary["students"]}
+    assert set(summary["feedback_outcomes"]) == {"kept", "no_match", "no_concept_tag", "empty", "all_generic",
+                                                 "no_critique", "sanitized_empty"}
     assert (run_dir / "validation.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").is_file()
     # exported students load with transformers, tokenizer and chat template included

@@ -60,16 +60,23 @@ def main():
             w = teacher.lm.lm_head.weight
             w.to_local().mul_(1.7).add_(0.05)
         head = teacher.output_weight(torch.float32)
-    calls = []
-    student.lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    # Counted inside the layer (its MLP): transformers checkpoints a layer's forward, not its
+    # __call__, so hooks on the layer itself do not run again when backward recomputes it.
+    calls, teacher_calls = [], []
+    student.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    if teacher is not student:
+        teacher.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
     loss = distill_backward(student, teacher, mine, micro_batch=4, pad_id=0, device=torch.device("cpu"),
                             beta=0.5, denominator=loss_denominator(mine, normalize, torch.device("cpu")),
                             normalize=normalize, teacher_weight=head)
     dist.all_reduce(loss)
-    # Per micro-batch: the teacher's forward and the student's, and with checkpointing the
-    # student's layer runs once more in backward (it does only in training mode).
+    # Per micro-batch, on the student's layer: its own forward, the teacher's when the student is its
+    # own teacher, and with checkpointing one more in backward (only in training mode). A separate
+    # teacher runs its own layer once. Checking the count in every case is what makes a lost
+    # checkpointing fail here (it passed by construction when the teacher had its own head).
     micro_batches = -(-len(mine) // 4)
-    recomputed = len(calls) == micro_batches * (3 if ac else 2) or own_head
+    expected = micro_batches * (1 + (teacher is student) + ac)
+    recomputed = len(calls) == expected and len(teacher_calls) == (0 if teacher is student else micro_batches)
 
     # reference: every rollout of every rank, one sequence at a time, float64 logits; "sequence":
     # each sequence's token mean (0 without a teacher), averaged over all sequences of all ranks.
@@ -97,7 +104,8 @@ def main():
     ok = abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()) and worst <= 1e-4 and recomputed
     if rank == 0:
         print(f"loss {loss.item():.8f} ref {ref_loss.item():.8f} worst grad rel err {worst:.2e}; "
-              f"layer-0 forwards {len(calls)} for {micro_batches} micro-batches ({normalize}"
+              f"layer-0 MLP forwards {len(calls)} (expected {expected}), teacher's {len(teacher_calls)}, "
+              f"for {micro_batches} micro-batches ({normalize}"
               f"{', own teacher head' if own_head else ''})", flush=True)
     flags = torch.tensor([int(ok)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
