@@ -17,7 +17,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,10 +34,9 @@ TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_lay
            rope_theta=10000.0)
 FSDP_LAYERS = 4
 # The delayed receiver: on a GPU a spin kernel on the receiver's stream ahead of its copies (about
-# 30 ms at 1.5-2 GHz, several of the driver's time slices); on the CPU a thread that runs the copies
-# later stands in for the stream (CPU copies are synchronous: the race itself needs a GPU).
+# 30 ms at 1.5-2 GHz, several of the driver's time slices). CPU copies are synchronous, so there the
+# stream is stood in for: the copies run when the next message arrives, after the sender moved on.
 DELAY_CYCLES = 50_000_000
-DELAY_S = 0.05
 
 
 def _row(check: str, status: str, result: str) -> list[str]:
@@ -139,6 +137,9 @@ def _receiver(handle: dict, conn, shape: dict) -> None:
         refs, pending = None, []
         while True:
             cmd, *args = conn.recv()
+            for work in pending:  # the CPU stand-in's queued copies run now
+                work()
+            pending.clear()
             if cmd == "refs":  # the trainer's tensors, mapped to compare against (the check, not the protocol)
                 refs = args[0]
             elif cmd == "load":
@@ -150,20 +151,13 @@ def _receiver(handle: dict, conn, shape: dict) -> None:
                 if mode["delay"] and cuda:
                     torch.cuda._sleep(DELAY_CYCLES)  # the copies queue behind it on this stream
                     work()
-                elif mode["delay"]:
-                    t = threading.Thread(target=lambda w=work: (time.sleep(DELAY_S), w()))
-                    t.start()
-                    pending.append(t)
-                    if mode["sync"]:
-                        t.join()
+                elif mode["delay"] and not mode["sync"]:
+                    pending.append(work)
                 else:
                     work()
             elif cmd == "finish":
                 synchronize_device(device)  # as the vLLM worker's opcod_finish_load
             elif cmd == "verify":
-                for t in pending:
-                    t.join()
-                pending.clear()
                 synchronize_device(device)
                 bad = [n for n in params if not torch.equal(params[n], refs[n])]
                 conn.send(("ok", bad))
@@ -266,7 +260,7 @@ def ipc_stage(out: Path, smoke: bool) -> None:
                              "ok" if not bad else "FAILED",
                              f"bit-equal {n - len(bad)}/{n}; {s.seconds:.3f} s, {_rate(s.bytes, s.seconds)}, "
                              f"{s.buckets} buckets of {_size(bucket)}" + (f"; differ: {bad[:3]}" if bad else "")))
-        how = "a spin kernel ahead of its copies" if cuda else "copies run later by a thread (CPU stand-in)"
+        how = "a spin kernel ahead of its copies" if cuda else "CPU stand-in: copies run at the next message"
         for sync in (False, True):
             perturb()
             client.mode = {"delay": True, "sync": sync}
