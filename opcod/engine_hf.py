@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from .weight_sync import open_bucket, release_handle, shared_bucket, unpack
+from .weight_sync import open_bucket, receive_bucket, release_handle, shared_bucket
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ def _generate(model, prompts: list[list[int]], sampling: Sampling, seed: int, pa
     return out
 
 
+def load_into(params: dict[str, torch.Tensor], weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy received (name, tensor) pairs into a transformers model's parameters, by name."""
+    for name, t in weights:
+        if name not in params:
+            raise KeyError(f"engine model has no parameter {name!r}")
+        params[name].copy_(t)
+
+
 def _serve(model_dir: str, dtype: str, handle: dict, conn, pad_id: int, eos_ids: list[int],
            trust_remote_code: bool) -> None:
     torch.set_num_threads(1)
@@ -65,10 +73,8 @@ def _serve(model_dir: str, dtype: str, handle: dict, conn, pad_id: int, eos_ids:
         try:
             if cmd == "load":
                 with torch.no_grad():
-                    for name, t in unpack(buffer, payload):
-                        if name not in params:
-                            raise KeyError(f"engine model has no parameter {name!r}")
-                        params[name].copy_(t)
+                    # Copied straight from the bucket into the parameters: no clone needed.
+                    receive_bucket(buffer, payload, lambda weights: load_into(params, weights), clone=False)
                 conn.send(("ok", None))
             elif cmd == "generate":
                 prompts, sampling, seed = payload

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .engine_hf import Sampling
-from .weight_sync import open_bucket, release_handle, shared_bucket, unpack
+from .weight_sync import gpu_uuid, open_bucket, receive_bucket, release_handle, shared_bucket, synchronize_device
 
 _SLEEP_NOTICE = []  # said once per process
 # The worker extension loads weights through vLLM's layerwise reload
@@ -34,12 +34,32 @@ def check_vllm_version(version: str) -> None:
                            "or use engine.kind=hf")
 
 
+def check_multiprocessing(environ=os.environ) -> None:
+    """Refuse VLLM_ENABLE_V1_MULTIPROCESSING=0 before an engine starts. With it vLLM runs the engine
+    inside the trainer's process: on local rank 0's GPU whatever this rank's device (its uniproc
+    executor takes the index from a plain `cuda` device), beside the trainer's process group, and
+    a second engine in the process is refused by vLLM's cumem allocator (one instance per process)."""
+    value = environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if value is None:
+        return
+    try:
+        enabled = bool(int(value))  # vLLM's own reading of the variable (vllm/envs.py)
+    except ValueError:
+        raise RuntimeError(f"VLLM_ENABLE_V1_MULTIPROCESSING={value!r} is not an integer; opcod's vllm engine "
+                           "needs it unset or 1") from None
+    if not enabled:
+        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING=0 is set: opcod's vllm engines must run in their own "
+                           "processes (in-process, an engine lands on local rank 0's GPU beside the trainer's "
+                           "process group, and a second engine is refused); unset it or set it to 1")
+
+
 class OpcodWorkerExtension:
     """Mixed into vLLM's worker (worker_extension_cls); its methods run through collective_rpc."""
 
-    def opcod_attach_bucket(self, handle: dict) -> str:
+    def opcod_attach_bucket(self, handle: dict) -> dict:
         self._opcod_bucket = open_bucket(handle, self.device)
-        return str(self.device)
+        return {"device": str(self.device), "nbytes": int(self._opcod_bucket.numel()),
+                "gpu_uuid": gpu_uuid(self.device) if self.device.type == "cuda" else None}
 
     def opcod_begin_load(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -50,10 +70,10 @@ class OpcodWorkerExtension:
     def opcod_load_bucket(self, metas: list[dict]) -> None:
         from vllm.config import set_current_vllm_config
         # Copies, not views: a layer whose tensors straddle two buckets is buffered until it is
-        # whole, and by then the bucket holds the next tensors.
-        weights = [(name, t.clone()) for name, t in unpack(self._opcod_bucket, metas)]
+        # whole, and by then the bucket holds the next tensors. receive_bucket returns once the
+        # copies have run, so the trainer may overwrite the bucket when this RPC returns.
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.get_model().load_weights(weights)
+            receive_bucket(self._opcod_bucket, metas, self.model_runner.get_model().load_weights, clone=True)
 
     def opcod_finish_load(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -70,8 +90,12 @@ class OpcodWorkerExtension:
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights does
             if hasattr(self.model_runner, reset):
                 getattr(self.model_runner, reset)()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize_device(self.device)
+        if self.device.type == "cuda":
+            # The received copies and each layer the reload materialised came from this process's
+            # caching allocator, outside vLLM's pools: give them back rather than keep them
+            # reserved through generation and the trainer's update.
+            torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -100,6 +124,20 @@ def _engine_environment(device: torch.device, threads: int | None):
                 os.environ[k] = v
 
 
+def check_attached(results, nbytes: int, uuid: str | None) -> None:
+    """Every worker of the engine mapped the whole bucket (one per worker: tensor parallel size 1),
+    on the trainer's GPU when the bucket is CUDA memory."""
+    if not results:
+        raise RuntimeError("vllm engine: no worker answered opcod_attach_bucket; the bucket is not mapped")
+    for r in results:
+        if r["nbytes"] != nbytes:
+            raise RuntimeError(f"vllm engine: a worker on {r['device']} mapped {r['nbytes']} bytes of the "
+                               f"{nbytes}-byte bucket")
+        if uuid is not None and r["gpu_uuid"] != uuid:
+            raise RuntimeError(f"vllm engine: a worker runs on GPU {r['gpu_uuid']} ({r['device']}), the "
+                               f"trainer's bucket on GPU {uuid}")
+
+
 class VLLMEngine:
     """A colocated vLLM engine; on CUDA it sleeps between uses (level 1 keeps its weights in host
     memory, level 2 drops them when they are about to be overwritten anyway)."""
@@ -107,6 +145,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, bucket_bytes: int, dtype: torch.dtype, seed: int, *,
                  gpu_memory_utilization: float = 0.35, max_model_len: int = 0, kv_cache_gib: float = 0.0,
                  trust_remote_code: bool = False, device: torch.device | None = None, threads: int | None = None):
+        check_multiprocessing()
         import vllm
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -139,9 +178,10 @@ class VLLMEngine:
             self.llm = LLM(**kwargs)
         self.buffer, handle = shared_bucket(bucket_bytes, device)
         try:
-            self.llm.collective_rpc("opcod_attach_bucket", args=(handle,))
+            attached = self.llm.collective_rpc("opcod_attach_bucket", args=(handle,))
         finally:
             release_handle(handle)
+        check_attached(attached, bucket_bytes, handle.get("gpu_uuid"))
         self._weights_asleep = self._kv_asleep = False
         self._weights_dropped = False
 
@@ -155,7 +195,10 @@ class VLLMEngine:
 
     def finish_load(self) -> None:
         self.llm.collective_rpc("opcod_finish_load")
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        # Cached KV was computed with the old weights; vLLM declines (False) while requests run.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vllm engine: reset_prefix_cache() refused after a weight load (requests still "
+                               "running?); its cached KV would come from the old weights")
         self._weights_dropped = False
 
     # -- generation
@@ -178,7 +221,9 @@ class VLLMEngine:
         so the caller knows they must be pushed again before the next use."""
         if not self.sleep_mode:
             return True
-        if not (self._weights_asleep or self._kv_asleep):
+        if not self._weights_asleep:
+            # Whatever is awake goes to sleep, also when only the weights are (woken for a push,
+            # and the engine has not generated since): vLLM's allocator skips what sleeps already.
             self.llm.sleep(level=1 if keep_weights else 2)
             self._weights_asleep = self._kv_asleep = True
             self._weights_dropped = not keep_weights
@@ -191,10 +236,13 @@ class VLLMEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the trainer's cached free blocks go back before vLLM maps its pool
         if self._weights_asleep:
-            self.llm.wake_up(tags=["weights"])
+            self.llm.wake_up(tags=["weights"])  # False: the KV cache still sleeps, as intended
             self._weights_asleep = False
         if self._kv_asleep and not weights_only:
-            self.llm.wake_up(tags=["kv_cache"])
+            # vLLM resumes its scheduler only once fully awake; generating before that would hang.
+            if not self.llm.wake_up(tags=["kv_cache"]):
+                raise RuntimeError("vllm engine: not fully awake after waking its weights and KV cache "
+                                   "(vLLM keeps its scheduler paused until every allocation is back)")
             self._kv_asleep = False
 
     def close(self) -> None:

@@ -38,9 +38,11 @@ class Engines:
     """The engines by role, and the key of the weights each holds (any hashable: a student and
     its version, or a round snapshot)."""
 
-    def __init__(self, rollout, tutor=None):
+    def __init__(self, rollout, tutor=None, loaded=None):
+        """`loaded`: the key of the weights every engine started from (the files it loaded), so
+        that the first use of those weights pushes nothing."""
         self.by_role = {"rollout": rollout, "tutor": tutor if tutor is not None else rollout}
-        self.held: dict[int, object] = {}
+        self.held: dict[int, object] = {} if loaded is None else {id(e): loaded for e in self.distinct()}
 
     @property
     def shared(self) -> bool:
@@ -57,6 +59,9 @@ class Engines:
         if self.held.get(id(engine)) == key:
             return None
         self.held.pop(id(engine), None)  # a push that fails half way leaves nothing valid
+        # Its weights are about to be overwritten: they sleep dropped (vLLM level 2) with its KV
+        # cache, so the push wakes the weights alone and the cache returns when it next generates.
+        engine.sleep(keep_weights=False)
         stats = push_weights(weights(), engine)
         self.held[id(engine)] = key
         return stats
@@ -64,13 +69,14 @@ class Engines:
     def generate(self, role: str, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
         return self.by_role[role].generate(prompts, sampling, seed)
 
-    def sleep_for_update(self) -> None:
-        """Give the device to the trainer. The rollout engine's weights are about to be replaced by
-        the updated tutee's, so it drops them (vLLM sleep level 2); a separate tutor engine keeps
-        its snapshot (level 1)."""
+    def sleep_for_update(self, keep=None) -> None:
+        """Give the device to the trainer. The rollout engine drops its weights (vLLM sleep level 2)
+        unless it holds `keep` (after an update they are replaced by the tutee's anyway); a
+        separate tutor engine keeps its snapshot (level 1)."""
         rollout = self.by_role["rollout"]
         for engine in self.distinct():
-            if not engine.sleep(keep_weights=engine is not rollout):
+            kept = engine is not rollout or (keep is not None and self.held.get(id(engine)) == keep)
+            if not engine.sleep(keep_weights=kept):
                 self.held.pop(id(engine), None)
 
     def close(self) -> None:

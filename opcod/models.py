@@ -66,7 +66,11 @@ class Student(nn.Module):
 
     def forward(self, input_ids, attention_mask, index, teacher_hidden=None, token_weights=None,
                 beta: float = 0.5, targets=None, policy=None, teacher_weight=None, topk=None, tail=True):
-        h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: transformers keeps every layer's keys and values in a cache unless told
+        # not to (it turns the cache off itself only when checkpointing layers with gradients on),
+        # so a teacher's no-grad forward would hold the whole KV of the micro-batch until it ends.
+        h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
         weight = self.lm.get_output_embeddings().weight
         if policy is not None:  # GRPO: log-probs of the sampled tokens, or the weighted token loss

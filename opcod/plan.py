@@ -5,10 +5,12 @@ What is counted is what opcod allocates, phase by phase (see the table it prints
 fp32 master weights of every student (FSDP shards), the tutee's gradients and AdamW state (an idle
 student's optimizer state and the tutor snapshots wait in pinned host memory), teacher copies,
 FSDP's unsharded buffers, activations of one micro-batch at the configured lengths (every sequence
-as long as the config allows), the loss kernel's workspace, each engine's share while it is awake
-and its remainder while it sleeps, the weight-sync buckets and the CUDA contexts. The peak is the
-largest phase. Figures are estimates from shapes; benchmarks/gpu_check.sh measures the same
-configuration on a GPU when one is lent (benchmarks/RESULTS.md).
+as long as the config allows), the loss kernel's workspace, the optimizer step's temporaries, each
+engine's share while it is awake and its process's memory outside that share, every weight push
+(the trainer's gathered tensor, the bucket, the engine's woken weights and its received copies),
+and the CUDA contexts. The peak is the largest phase. Figures are estimates from shapes and a few
+constants; benchmarks/gpu_check.sh measures the trainer's parts at Qwen3-8B width (fewer layers)
+beside this plan when a GPU is lent, and docs/memory.md says which constants are still unmeasured.
 """
 from __future__ import annotations
 
@@ -23,8 +25,13 @@ from .config import Config, ConfigError, load_config
 
 GIB = 1 << 30
 H200_GIB = 140.0                 # an H200 as torch reports it: 143,771 MiB
+# Unmeasured until a GPU run records them (benchmarks/gpu_check.sh prints the trainer's context;
+# an engine's needs vLLM on the GPU): see docs/memory.md.
 CUDA_CONTEXT_GIB = 1.0           # a process's CUDA context, cuBLAS workspace and NCCL buffers
-ENGINE_ASLEEP_GIB = 1.0          # a sleeping vLLM engine: its context and what is outside its pool
+# A vLLM engine process outside its gpu_memory_utilization budget, awake or asleep: vLLM takes its
+# memory snapshot after the process's CUDA context and NCCL exist, so they are not in the budget,
+# and sleeping releases only its pools.
+ENGINE_ASLEEP_GIB = 1.0
 KERNEL_BUDGET_BYTES = 768 << 20  # opcod_kernels' CUDA logits workspace per chunk
 TEMPLATE_TOKENS = 64             # chat template and reprompt text around the teacher's context
 
@@ -98,6 +105,7 @@ class Part:
     gib: float
     key: str            # the config key that shrinks it ("" when none does)
     phases: tuple[str, ...]
+    owner: str = "trainer"  # "trainer" (this process's allocations) | "engine" (the vLLM processes)
 
 
 @dataclass
@@ -135,15 +143,16 @@ class Plan:
 
     def table(self) -> str:
         phases = self.phases
-        head = f"{'part':<44}" + "".join(f"{ph:>11}" for ph in phases) + "  key"
+        w = max(len(p.name) for p in self.parts) + 1
+        head = f"{'part':<{w}}" + "".join(f"{ph:>11}" for ph in phases) + "  key"
         lines = [f"memory plan per GPU ({self.gpus} GPUs, {self.shape.params / 1e9:.2f} B parameters per student)",
                  head, "-" * len(head)]
         for p in self.parts:
             cells = "".join(f"{p.gib:>11.1f}" if ph in p.phases else f"{'':>11}" for ph in phases)
-            lines.append(f"{p.name:<44}{cells}  {p.key}")
-        lines.append(f"{'total (GiB)':<44}" + "".join(f"{self.phase_total(ph):>11.1f}" for ph in phases))
+            lines.append(f"{p.name:<{w}}{cells}  {p.key}")
+        lines.append(f"{'total (GiB)':<{w}}" + "".join(f"{self.phase_total(ph):>11.1f}" for ph in phases))
         lines.append(f"host memory per rank: {self.host_gib:.1f} GiB (pinned: idle optimizer state, "
-                     "tutor snapshots; plus each sleeping engine's weights)")
+                     "tutor snapshots, each sleeping vLLM engine's weights)")
         return "\n".join(lines)
 
 
@@ -180,12 +189,19 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
     rows = B * response                          # response tokens of one micro-batch: the kernel's N
 
     plan = Plan(gpu_gib, W, m)
-    # Phases: the engines generate (rollouts, feedback); the teacher's no-grad forward of a
-    # micro-batch; the student's forward and backward; the push of new weights to the engine.
-    every, update = ("generate", "teacher", "student", "sync"), ("teacher", "student")
+    vllm = cfg.engine.kind == "vllm"
+    # Phases: the engines generate (rollouts, feedback); with a separate vLLM tutor engine, the
+    # tutor's weights are pushed while the rollout engine is still awake ("tutor sync"); the
+    # teacher's no-grad forward of a micro-batch; the student's forward and backward; the optimizer
+    # step; a push of new weights into a sleeping engine ("sync": after each update, and for every
+    # evaluated student, while the last tutee's AdamW state is on the device).
+    tutor_sync = ("tutor sync",) if separate and vllm else ()
+    every = ("generate", *tutor_sync, "teacher", "student", "optimizer", "sync")
+    update = ("teacher", "student")
+    pushes = ("sync", *tutor_sync)
 
-    def add(name, nbytes, key, phases=every):
-        plan.parts.append(Part(name, nbytes / GIB, key, phases))
+    def add(name, nbytes, key, phases=every, owner="trainer"):
+        plan.parts.append(Part(name, nbytes / GIB, key, phases, owner))
 
     add(f"trainer weights: {S} students, fp32 shards" + (" (+ LoRA)" if lora.rank else ""),
         S * (P + (T if lora.rank else 0)) * 4 / W, "--nproc_per_node")
@@ -193,7 +209,7 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
         add(f"teacher copies ({cfg.loss.teacher_weights}), fp32 shards",
             teachers * (P + (T if lora.rank else 0)) * 4 / W, "loss.teacher_weights")
     add("tutee's AdamW state, fp32 shards", 2 * T * 4 / W, "--nproc_per_node")
-    add("tutee's gradients, fp32 shards", T * 4 / W, "--nproc_per_node", update)
+    add("tutee's gradients, fp32 shards", T * 4 / W, "--nproc_per_node", (*update, "optimizer"))
     add("FSDP unsharded params (root + 2 layers)", (m.root_params + 2 * m.layer_params) * compute, "", update)
     if not lora.rank:  # a frozen root has no gradients to reduce
         add("FSDP root reduce-scatter (grads + fp32 copy)", m.root_params * (compute + 4), "", ("student",))
@@ -214,20 +230,31 @@ def make_plan(cfg: Config, gpus: int, gpu_gib: float = H200_GIB) -> Plan:
         ("student",))
     add("loss kernel: logits chunk" + ("" if lora.rank else ", dW fp32 + its copy"),
         KERNEL_BUDGET_BYTES + (0 if lora.rank else V * H * (4 + compute)), "", ("student",))
+    # AdamW's foreach step makes one fp32 temporary the size of the state it updates (sqrt of the
+    # second moment) next to the gradients.
+    add("optimizer step: foreach temporary, fp32 shards", T * 4 / W, "--nproc_per_node", ("optimizer",))
     largest = max(V * H, m.intermediate * H)
-    add("sync: one gathered tensor, fp32 + engine dtype", largest * (4 + engine_bytes), "", ("sync",))
+    add("sync: one gathered tensor, fp32 + engine dtype", largest * (4 + engine_bytes), "", pushes)
     add("CUDA context (trainer)", CUDA_CONTEXT_GIB * GIB, "")
-    if cfg.engine.kind == "vllm":  # the hf engine and its bucket live in host memory
+    if vllm:  # the hf engine and its bucket live in host memory
         bucket = max(cfg.engine.bucket_mb << 20, largest * engine_bytes)
         add(f"weight-sync buckets ({engines} x {bucket / GIB:.2f} GiB)", engines * bucket, "engine.bucket_mb")
         share = cfg.engine.gpu_memory_utilization * gpu_gib * GIB
+        add(f"vLLM processes outside their budget ({engines} x context)", engines * ENGINE_ASLEEP_GIB * GIB,
+            "", owner="engine")
         add(f"vLLM engines awake ({engines} x {cfg.engine.gpu_memory_utilization:g} of the GPU)", engines * share,
-            "engine.gpu_memory_utilization", ("generate",))
-        add(f"vLLM engines asleep ({engines} x context)", engines * ENGINE_ASLEEP_GIB * GIB, "", update)
-        add("rollout engine's weights, waking for a push", P * engine_bytes + ENGINE_ASLEEP_GIB * GIB, "", ("sync",))
+            "engine.gpu_memory_utilization", ("generate",), owner="engine")
+        # A push wakes the receiving engine's weights alone (its KV cache sleeps); the worker clones
+        # one bucket and vLLM's layerwise reload materialises the layer being loaded beside it.
+        receive = bucket + largest * engine_bytes
+        add("engine's weights, woken for a push", P * engine_bytes, "", pushes, owner="engine")
+        add("engine's received copies: a bucket + one layer", receive, "engine.bucket_mb", pushes, owner="engine")
         if separate:
-            add("tutor engine asleep (context)", ENGINE_ASLEEP_GIB * GIB, "", ("sync",))
+            add(f"rollout engine awake ({cfg.engine.gpu_memory_utilization:g} of the GPU)",
+                share, "engine.gpu_memory_utilization", tutor_sync, owner="engine")
     host = (S - 1) * 2 * T * 4 / W + (S * P * engine_bytes / W if opcod and cfg.tutor_snapshot == "round_start" else 0)
+    if vllm:  # an engine asleep at level 1 keeps its weights in host memory
+        host += engines * P * engine_bytes
     plan.host_gib = host / GIB
     return plan
 

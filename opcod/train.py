@@ -133,7 +133,10 @@ class CoDistillation:
                                seed=seed_for(cfg.seed, self.rank, i), tokenizer=self.tokenizer, device=self.device,
                                trust_remote_code=cfg.model.trust_remote_code,
                                engines_per_rank=2 if separate else 1)
-        self.engines = Engines(engine(0), engine(1) if separate else None)
+        # Every engine starts from students[0]'s files: its version 0 needs no push. vLLM engines
+        # start awake; they sleep until first used, so no push ever meets an idle engine awake.
+        self.engines = Engines(engine(0), engine(1) if separate else None, loaded=(self.names[0], 0))
+        self.engines.sleep_for_update(keep=(self.names[0], 0))
 
     def close(self) -> None:
         self.engines.close()
@@ -160,6 +163,16 @@ class CoDistillation:
         lm = self.students[name].lm
         # A LoRA student reaches the engine merged (W + scale B A under the base names).
         return self.engines.ensure(role, key, (lambda: merged(weights(), scale_of(lm))) if is_peft(lm) else weights)
+
+    def begin_phase(self, tutee: str) -> None:
+        """Before a phase's first step: the engines give the device back (the rollout engine keeps
+        its weights only if they are the tutee's), then the other students' optimizer state leaves
+        the device before the tutee's arrives, so no two AdamW states ever share it."""
+        self.engines.sleep_for_update(keep=(tutee, self.progress.versions[tutee]))
+        for other in self.names:
+            if other != tutee:
+                move_optimizer_state(self.optims[other][0], self.host)
+        move_optimizer_state(self.optims[tutee][0], self.device)
 
     def sampling(self, which) -> Sampling:
         return Sampling(which.temperature, which.top_p, which.max_new_tokens)
@@ -522,8 +535,7 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
         while p.phase < S:
             tutee = run.names[p.phase]
             tutor = tutor_for(run.names, tutee, p.round)
-            for other in run.names:  # only the tutee's optimizer state is on the device
-                move_optimizer_state(run.optims[other][0], run.device if other == tutee else run.host)
+            run.begin_phase(tutee)
             while p.step < K:
                 record = run.step(tutee, tutor)
                 p.step += 1

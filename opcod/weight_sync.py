@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 ALIGN = 256  # byte alignment of every tensor inside a bucket
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
 
 def hf_name(name: str, strip: str = "") -> str:
-    """The Hugging Face parameter name of a trainer parameter (wrapper prefixes removed)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
+    """The Hugging Face parameter name of a trainer parameter: `strip` (the Student's "lm.") removed.
+
+    Nothing else is rewritten: FSDP2's fully_shard and transformers' own activation checkpointing
+    keep parameter names as they are (no `_fsdp_wrapped_module.` or `_checkpoint_wrapped_module.`
+    segments, which FSDP1 and torch's checkpoint_wrapper would add), and opcod neither compiles
+    nor wraps students in DDP."""
     return name[len(strip):] if strip and name.startswith(strip) else name
 
 
@@ -156,6 +158,33 @@ def unpack(buffer: torch.Tensor, metas: Iterable[dict]) -> list[tuple[str, torch
     """Views of each tensor inside a received bucket (copy them before the bucket is reused)."""
     return [(m["name"], buffer[m["offset"]:m["offset"] + m["nbytes"]].view(getattr(torch, m["dtype"]))
              .view(m["shape"])) for m in metas]
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait until every copy queued on `device` by this process has run (CPU copies already have)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def receive_bucket(buffer: torch.Tensor, metas: Iterable[dict],
+                   load: Callable[[list[tuple[str, torch.Tensor]]], object], *, clone: bool = True,
+                   synchronize: bool = True) -> None:
+    """The receiving half of one bucket, shared by every engine: `load` gets (name, tensor) pairs,
+    copies of the bucket's bytes when `clone` (a loader that keeps tensors past this call needs
+    them: vLLM's layerwise reload buffers a layer until all of it has arrived) or views otherwise.
+
+    It returns only once those copies have run: the sender writes the next tensors into the same
+    bucket as soon as this returns, and on a GPU the clones and the loader's copies are merely
+    queued on this process's stream when load() returns (vLLM's own IPC receivers synchronize at
+    the same point for the same reason). `synchronize=False` exists only so that
+    benchmarks/gpu_check.py can show the race."""
+    weights = unpack(buffer, metas)
+    if clone:
+        weights = [(name, t.clone()) for name, t in weights]
+    load(weights)
+    del weights
+    if synchronize:
+        synchronize_device(buffer.device)
 
 
 @dataclass

@@ -77,3 +77,21 @@ def test_state_made_before_the_first_checkpoint_leaves_the_first_update_alone(gr
                                          get_optimizer_state_dict(s, o)))
     for k in plain:
         assert torch.equal(plain[k], checked[k]), k
+
+
+def test_forwards_keep_no_kv_cache():
+    """transformers keeps every layer's keys and values in a cache unless told otherwise, and turns
+    it off itself only for checkpointed layers with gradients on: the teacher's no-grad forward
+    (and an unsharded or un-checkpointed student's) would hold the micro-batch's whole KV."""
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(0)
+    student = Student(Qwen3ForCausalLM(tiny_config(50, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32)))
+    outputs = []
+    student.lm.get_decoder().register_forward_hook(lambda module, args, out: outputs.append(out))
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        student(ids, torch.ones_like(ids), torch.arange(12))
+    student(ids, torch.ones_like(ids), torch.arange(12)).sum().backward()
+    for out in outputs:  # the field is `cache` in transformers 5.25, `past_key_values` before
+        assert getattr(out, "cache", None) is None and getattr(out, "past_key_values", None) is None
+    assert len(outputs) == 2

@@ -97,3 +97,25 @@ def test_lora_counts_adapters_only_and_the_initial_teacher_costs_nothing(qwen3_8
     initial = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"),
                                     args + ["model.lora.rank=64", "loss.teacher_weights=initial"]), 2)
     assert not any(p.name.startswith("teacher copies") for p in initial.parts)
+
+
+def test_every_push_and_each_engine_process_is_in_the_plan(qwen3_8b):
+    """A push runs with the tutee's AdamW state on the device and the receiving engine's weights
+    woken; with a separate tutor, the tutor's push runs while the rollout engine is awake; an
+    engine process's CUDA context lies outside vLLM's budget in every phase."""
+    args = [f"students.0.path={qwen3_8b}", f"students.1.path={qwen3_8b}"]
+    plan = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"), args), 2)
+    in_phase = {ph: {p.name for p in plan.parts if ph in p.phases} for ph in plan.phases}
+    for phase in ("sync", "tutor sync"):
+        assert {"tutee's AdamW state, fp32 shards", "engine's weights, woken for a push",
+                "engine's received copies: a bucket + one layer",
+                "sync: one gathered tensor, fp32 + engine dtype"} <= in_phase[phase], phase
+    assert any(n.startswith("rollout engine awake") for n in in_phase["tutor sync"])
+    contexts = next(p for p in plan.parts if p.name.startswith("vLLM processes outside their budget"))
+    assert set(contexts.phases) == set(plan.phases) and contexts.owner == "engine"
+    woken = next(p for p in plan.parts if p.name == "engine's weights, woken for a push")
+    assert woken.gib == pytest.approx(8_190_735_360 * 2 / 2**30)   # a whole bf16 copy on each rank
+    shared = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"), args + ["engine.tutor=shared"]), 2)
+    assert "tutor sync" not in shared.phases and "sync" in shared.phases
+    hf = make_plan(load_config(str(ROOT / "configs" / "phys_chem.yaml"), args + ["engine.kind=hf"]), 2)
+    assert all(p.owner == "trainer" for p in hf.parts)   # the hf engine lives in host memory

@@ -1,5 +1,6 @@
 """torchrun --nproc_per_node=2 check_sync.py CONFIG.yaml: after a sync, every engine's weights
-equal the trainer's full parameters bitwise (fp32); also for the round snapshot and a shared engine."""
+equal the trainer's full parameters bitwise (fp32); also for the round snapshot and a shared engine,
+and for the weights the engines loaded from disk, which are not pushed again."""
 import sys
 
 import torch
@@ -30,6 +31,13 @@ def main():
     run = CoDistillation(cfg)
     a, b = run.names
     try:
+        # Every engine started from students[0]'s files: its first use sends nothing, and what the
+        # engines loaded from disk is bitwise what the trainer holds.
+        assert run.ensure("rollout", a) is None and run.ensure("tutor", a) is None
+        full_a = full_params(run.students[a])  # every rank: the gathers are collectives
+        if dist.get_rank() == 0:
+            for role in ("rollout", "tutor"):
+                check(run, role, a, full_a)
         run.snapshots = {n: run.take_snapshot(n) for n in run.names}
         snap_b = full_params(run.students[b])
         # move student b away from its snapshot, as a training step would
