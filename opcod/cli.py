@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
 import yaml
@@ -51,6 +52,15 @@ def parse(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
     ns = verbs[argv[at]].parse_intermixed_args(argv[:at] + argv[at + 1:])
     setattr(ns, subs[0].dest, argv[at])
     return ns
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, key=value overrides) of a command's positionals, for commands that take both: argparse
+    gives every positional to the first list. A path never starts like `optim.lr=`."""
+    return [i for i in items if not _OVERRIDE.match(i)], [i for i in items if _OVERRIDE.match(i)]
 
 
 def print_config(cfg) -> None:
