@@ -27,8 +27,8 @@ def qwen3_8b(tmp_path_factory):
 
 def _parsers():
     """Every command's parser (the commands with verbs are checked through their --help)."""
-    from opcod import compare, evaluate, plan, sft, train
-    out = {m.__name__: m.build_parser() for m in (train, plan, sft, evaluate, compare)}
+    from opcod import compare, evaluate, plan, rationales, sft, train
+    out = {m.__name__: m.build_parser() for m in (train, plan, sft, evaluate, compare, rationales)}
     return out
 
 
@@ -49,7 +49,7 @@ def test_options_and_overrides_in_any_order(qwen3_8b, capsys):
     assert "--out OUT" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "sft", "evaluate", "compare"])
+@pytest.mark.parametrize("command", ["train", "plan", "sft", "evaluate", "compare", "rationales"])
 def test_print_config_prints_the_resolved_config_and_exits(command, qwen3_8b, tmp_path, capsys):
     import importlib
     module = importlib.import_module(f"opcod.{command}")
