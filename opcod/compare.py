@@ -154,8 +154,7 @@ def main(argv=None) -> int:
             return 2
         cli.print_config(cfg)
         return 0
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve()   # made by the first run: a refused start leaves no empty folder
     for seed in args.seeds:
         for method in args.methods:
             rc = launch(method, seed, out, args.config, args.nproc, args.overrides)

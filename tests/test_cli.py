@@ -163,6 +163,9 @@ def test_a_refused_start_leaves_no_run_directory(tmp_path):
     res = subprocess.run([sys.executable, "-m", "opcod.train", "--config", str(path)], capture_output=True, text=True,
                          timeout=300, env=ENV)
     assert res.returncode == 2 and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept"]
+    res = subprocess.run([sys.executable, "-m", "opcod.compare", "--config", str(path), "--methods", "sdpo", "--nproc",
+                          "1", "--out", str(tmp_path / "compare")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode != 0 and "students.0.path" in res.stderr and not (tmp_path / "compare").exists()
 
 
 def test_validation_plot_has_whole_round_ticks(tmp_path, monkeypatch):
@@ -202,3 +205,20 @@ def test_configuration_page_is_generated_from_the_dataclasses():
         for f in dataclasses.fields(cls):
             if not dataclasses.is_dataclass(getattr(cls(), f.name)) and f.name != "students":
                 assert f"`{f.name}`" in res.stdout or f".{f.name}`" in res.stdout, (cls.__name__, f.name)
+
+
+# ----------------------------------------------------------------------------- house files
+
+def test_citation_names_the_paper_as_its_file_does():
+    from conftest import SHARED
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "Apache-2.0" and cff["authors"]
+    paper = cff["preferred-citation"]
+    assert paper["url"] == "https://arxiv.org/abs/2606.14368"
+    source = Path(SHARED) / "reference" / "opcod_paper.md"
+    if not source.is_file():
+        pytest.skip(f"the paper's text is not at {source}")
+    text = source.read_text()
+    assert text.startswith(f"Title: {paper['title']}\n")
+    for a in paper["authors"]:
+        assert f"{a['given-names']} {a['family-names']}" in text.split("###### Abstract")[0]

@@ -29,7 +29,7 @@ def _run(*args, env=None, timeout=600):
 RESPONSE = "<reasoning>\nThe table gives it.\n</reasoning>\n<answer>\nA\n</answer>"
 
 
-def answering_model(path: Path, tokenizer):
+def answering_model(path: Path, tokenizer, hidden: int = 32):
     """A tiny Qwen3 built offline that answers every question with RESPONSE (option A), then stops:
     its layers add nothing to the residual stream and its LM head maps the chat template's last
     token to RESPONSE (one added token) and RESPONSE to the end of turn. Its rationales are right
@@ -41,8 +41,9 @@ def answering_model(path: Path, tokenizer):
     from opcod import prompts
     from opcod.tiny import create_model_dir, tiny_config
     tok = tokenizer
-    tok.add_tokens([AddedToken(RESPONSE, normalized=False, special=False)])
-    create_model_dir(path, tok, tiny_config(len(tok), hidden=32, intermediate=64, tie=False), seed=0)
+    if RESPONSE not in tok.get_vocab():
+        tok.add_tokens([AddedToken(RESPONSE, normalized=False, special=False)])
+    create_model_dir(path, tok, tiny_config(len(tok), hidden=hidden, intermediate=2 * hidden, tie=False), seed=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     last = tok.encode(prompts.render(tok, prompts.messages("x")), add_special_tokens=False)[-1]
     answer = tok.convert_tokens_to_ids(RESPONSE)
