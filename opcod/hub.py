@@ -69,10 +69,13 @@ def resolve_all(items: list[tuple[str, str]], files: list[str] | None = None) ->
 
 def resolve_students(cfg, files: list[str] | None = None):
     """cfg with every student's path resolved: students named by Hub id become cache snapshots."""
+    import torch.distributed as dist
     paths = resolve_all([(s.path, f"students.{i}.path") for i, s in enumerate(cfg.students)], files)
+    quiet = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
     for i, (s, path) in enumerate(zip(cfg.students, paths)):
         if path != s.path:
-            print(f"students.{i}.path: {s.path} -> {path}", file=sys.stderr)
+            if not quiet:
+                print(f"students.{i}.path: {s.path} -> {path}", file=sys.stderr)
             s.path = path
     return cfg
 

@@ -103,6 +103,9 @@ def test_hub_ids_resolve_from_the_cache_offline_in_plan_and_the_download_command
     root, snaps, env = tiny_hub
     res = _run("-m", "opcod.hub", "download", "opcod-test/random", env=env)
     assert res.returncode == 0 and res.stdout.strip() == str(snaps["random"]), res.stderr
+    commit = snaps["random"].name
+    res = _run("-m", "opcod.hub", "download", f"opcod-test/random@{commit}", env=env)   # a pinned revision
+    assert res.returncode == 0 and res.stdout.strip() == str(snaps["random"]), res.stderr
     res = _run("-m", "opcod.hub", "download", "opcod-test/absent", env=env)
     assert res.returncode == 2 and "models[0]: 'opcod-test/absent'" in res.stderr and "HF_HUB_OFFLINE=1" in res.stderr
     res = _run("-m", "opcod.plan", "--config", ROOT / "configs" / "phys_chem.yaml", "students.0.path=opcod-test/random",
@@ -113,6 +116,17 @@ def test_hub_ids_resolve_from_the_cache_offline_in_plan_and_the_download_command
     res = _run("-m", "opcod.plan", "--config", ROOT / "configs" / "phys_chem.yaml", "students.0.path=opcod-test/nope",
                "students.1.path=opcod-test/random", env=env)
     assert res.returncode == 2 and "students.0.path: 'opcod-test/nope' is neither a local folder" in res.stderr
+
+
+def test_what_counts_as_a_hub_id(tmp_path, monkeypatch):
+    from opcod.hub import hub_id
+    monkeypatch.chdir(tmp_path)
+    assert hub_id("Qwen/Qwen3-8B") == ("Qwen/Qwen3-8B", None)
+    assert hub_id("Qwen/Qwen3-8B@refs/pr/1") == ("Qwen/Qwen3-8B", "refs/pr/1")
+    for local in ("./Qwen/Qwen3-8B", "/models/x", "~/x/y", "runs/r/students/A", "model", ""):
+        assert hub_id(local) is None, local
+    (tmp_path / "models" / "qwen3-8b-physics").mkdir(parents=True)   # a folder that exists wins
+    assert hub_id("models/qwen3-8b-physics") is None and hub_id("models/qwen3-8b-chemistry") is not None
 
 
 # ----------------------------------------------------------------------------- opcod.rationales
