@@ -79,7 +79,7 @@ class EndpointGenerator:
     RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
     BACKOFF_S = 2.0           # the first wait before a retry; doubled each time (2, 4, 8, 16, 32 s)
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, sampling: dict, seed: int,
+    def __init__(self, base_url: str, model: str, api_key: str | None, sampling: dict, seed: int | None,
                  workers: int = 8, retries: int = 5, timeout: float = 600.0):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.seed = model, api_key, seed
@@ -87,8 +87,10 @@ class EndpointGenerator:
         self.workers, self.retries, self.timeout = workers, retries, timeout
         self.calls = 0
 
-    def request(self, messages: list[dict], seed: int) -> str:
-        body = {"model": self.model, "messages": messages, "seed": seed}
+    def request(self, messages: list[dict], seed: int | None) -> str:
+        body = {"model": self.model, "messages": messages}
+        if seed is not None:
+            body["seed"] = seed
         for key, name in (("temperature", "temperature"), ("top_p", "top_p"),
                           ("max_new_tokens", "max_completion_tokens")):
             if self.sampling.get(key) is not None:
@@ -120,10 +122,11 @@ class EndpointGenerator:
         return error  # type: ignore[return-value]  # counted as failed, retried by the next run
 
     def __call__(self, problems: Sequence[Problem]) -> list[str | Exception]:
-        base = self.seed + 1_000_003 * self.calls
+        base = None if self.seed is None else self.seed + 1_000_003 * self.calls
         self.calls += 1
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(pool.map(lambda jp: self.request(rationale_messages(jp[1]), base + jp[0]),
+            return list(pool.map(lambda jp: self.request(rationale_messages(jp[1]),
+                                                         None if base is None else base + jp[0]),
                                  enumerate(problems)))
 
     def close(self) -> None:
@@ -278,7 +281,8 @@ def build_parser():
                     help="samples per problem until one scores right (App. D.1 does not say; 1 asks once)")
     ap.add_argument("--batch-size", type=int, default=64, help="problems per batch (each batch is saved as done)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N training problems (0: all)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--seed", type=int, help="sampling seed (default: 0 for a local model; none sent to an endpoint, "
+                                             "whose models may not take one)")
     return ap
 
 
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
             kind = args.engine or cfg.engine.kind
             cli.warn_cpu_engine(kind, prog)
             sampling = {k: LOCAL_SAMPLING[k] if v is None else v for k, v in asked.items()}
-            generator = EngineGenerator(resolve(args.model, "--model"), kind, cfg.engine, sampling, args.seed)
+            generator = EngineGenerator(resolve(args.model, "--model"), kind, cfg.engine, sampling, args.seed or 0)
             where = f"{args.model} ({kind} engine)"
         print(f"{prog}: {len(problems)} {args.domain} training problems, rationales from {where} -> {out}",
               file=sys.stderr)

@@ -224,7 +224,7 @@ def test_rationales_from_an_openai_compatible_endpoint(tmp_path, monkeypatch, ca
         out = tmp_path / "physics.jsonl"
         argv = ["--config", str(cfg_path), "--domain", "physics", "--model", "gpt-test", "--out", str(out),
                 "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "OPCOD_TEST_KEY",
-                "--max-new-tokens", "256"]
+                "--max-new-tokens", "256", "--seed", "5"]
         assert rationales.main(argv) == 0
     finally:
         server.shutdown()
@@ -236,7 +236,7 @@ def test_rationales_from_an_openai_compatible_endpoint(tmp_path, monkeypatch, ca
     body = reqs[-1]["body"]
     assert body["model"] == "gpt-test" and body["max_completion_tokens"] == 256
     assert "temperature" not in body and "top_p" not in body   # the server's own defaults unless asked
-    assert len({r["body"]["seed"] for r in reqs[1:]}) == len(problems)
+    assert len({r["body"]["seed"] for r in reqs[1:]}) == len(problems)   # one seed per request, when asked
     kept = {json.loads(x)["id"] for x in out.read_text().splitlines()}
     dropped = {json.loads(x)["id"] for x in rationales.dropped_path(out).read_text().splitlines()}
     assert kept | dropped == {p.id for p in problems} and kept and dropped and not kept & dropped
@@ -248,8 +248,10 @@ def test_rationales_endpoint_errors_that_a_retry_cannot_fix_stop_with_the_reason
     from opcod import rationales
 
     class Refuse(BaseHTTPRequestHandler):
+        bodies = []
+
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             data = b'{"error": {"message": "Unsupported parameter: temperature"}}'
             self.send_response(400)
             self.send_header("Content-Length", str(len(data)))
@@ -268,6 +270,7 @@ def test_rationales_endpoint_errors_that_a_retry_cannot_fix_stop_with_the_reason
         server.shutdown()
     err = capsys.readouterr().err
     assert rc == 2 and "HTTP 400" in err and "Unsupported parameter: temperature" in err
+    assert "seed" not in Refuse.bodies[0] and Refuse.bodies[0]["temperature"] == 0.3   # no seed unless asked
     assert not (tmp_path / "o.jsonl").exists()   # nothing counted as done: a rerun asks again
 
 
