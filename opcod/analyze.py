@@ -1,14 +1,13 @@
 """python -m opcod.analyze {run,compare,break-rate,hints}: the paper's diagnostics from runs and models."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import effects
+from . import cli, effects
 from . import metrics as metrics_names
 from .feedback import OUTCOMES
 from .pareto import dominates
@@ -368,39 +367,44 @@ def _compare_cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m opcod.analyze", description=__doc__)
+    ap = cli.parser("python -m opcod.analyze", __doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="diagnostics of one run directory")
-    r.add_argument("run_dir")
-    c = sub.add_parser("compare", help="line several runs up per student and domain")
-    c.add_argument("run_dirs", nargs="+")
-    c.add_argument("--out")
-    b = sub.add_parser("break-rate", help="how often a tutor's feedback breaks correct rollouts")
+    r = sub.add_parser("run", help="diagnostics of one run directory", formatter_class=cli.HelpFormatter)
+    r.add_argument("run_dir", help="a run directory (<output_dir>/<run_name>)")
+    c = sub.add_parser("compare", help="line several runs up per student and domain", formatter_class=cli.HelpFormatter)
+    c.add_argument("run_dirs", nargs="+", help="run directories")
+    c.add_argument("--out", help="also write the comparison as JSON here")
+    b = sub.add_parser("break-rate", help="how often a tutor's feedback breaks correct rollouts",
+                       formatter_class=cli.HelpFormatter)
     b.add_argument("--tutee", help="the tutee's model directory (one pair)")
     b.add_argument("--tutor", help="the tutor's model directory (one pair)")
     b.add_argument("--pairs", nargs="+", metavar="TUTEE:TUTOR",
                    help="several (tutee, tutor) pairs, aggregated by the tutor's cognizance (App. E)")
-    b.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
-    b.add_argument("--n", type=int, default=8)
+    b.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"),
+                   help="the run config whose data, sampling and loss settings apply")
+    b.add_argument("--n", type=int, default=8, help="rollouts per problem")
     b.add_argument("--limit", type=int, default=50, help="validation problems per domain")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="sampling seed")
     b.add_argument("--engine", choices=["hf", "vllm"], help="default: the config's engine")
     b.add_argument("--signal", action="store_true",
                    help="also where the distillation signal of those rollouts sits (per-token divergence "
                         "from the self-teacher at loss.beta, and its gradient against forward KL's)")
-    b.add_argument("--out")
-    h = sub.add_parser("hints", help="a demo student's probability for each question's four hints, per item")
+    b.add_argument("--out", help="write every record and the rates as JSON here")
+    h = sub.add_parser("hints", help="a demo student's probability for each question's four hints, per item",
+                       formatter_class=cli.HelpFormatter)
     h.add_argument("--student", required=True, help="a model directory")
     h.add_argument("--domain", required=True, help="a synthetic domain of the config")
     h.add_argument("--split", choices=["train", "validation"], default="train",
                    help="train: the questions the demo students were built and trained on (what a student "
                         "holds of those items); validation: held out")
-    h.add_argument("--items", choices=["specialist", "common", "all"], default="specialist")
+    h.add_argument("--items", choices=["specialist", "common", "all"], default="specialist",
+                   help="which synthetic items' questions")
     h.add_argument("--teacher", action="store_true",
                    help="also as its self-teacher, with the question's synthetic critique in context")
-    h.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"))
-    h.add_argument("--out")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    h.add_argument("--config", default=str(Path(__file__).with_name("configs") / "default.yaml"),
+                   help="the demo config whose synthetic data the questions come from")
+    h.add_argument("--out", help="write the distributions and summary as JSON here")
+    args = cli.parse(ap, argv)
     try:
         return {"run": _run_cli, "compare": _compare_cli, "break-rate": _break_rate_cli,
                 "hints": _hints_cli}[args.command](args)

@@ -3,12 +3,12 @@ as one table (scores with 95 % intervals, gains, Pareto verdicts) and a plot in 
 paper's Fig. 7 (one panel per student, one point per method)."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from . import cli
 from .pareto import format_cell
 
 METHODS = ("opcod", "sdpo", "grpo")
@@ -122,15 +122,18 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m opcod.compare", description=__doc__)
-    ap.add_argument("--config", help="a run config (default: the embedded CPU demo)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+def build_parser():
+    ap = cli.parser("python -m opcod.compare", __doc__)
+    cli.add_config_args(ap, "a run config, for every run (default: the embedded CPU demo)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per method and seed")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the methods to run")
     ap.add_argument("--out", default="runs/compare", help="directory of the runs, the table and the plot")
     ap.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc_per_node)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. rounds=2")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv)
     if args.config and not Path(args.config).is_file():
         print(f"opcod.compare: --config {args.config!r} does not exist", file=sys.stderr)
         return 2
@@ -138,8 +141,20 @@ def main(argv=None) -> int:
     if bad:
         print(f"opcod.compare: {bad[0]!r}: method, seed, output_dir and run_name are set per run", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.print_config:   # what the first run gets; the others differ in method and seed only
+        from .config import ConfigError, load_config
+        from .train import DEFAULT_CONFIG
+        try:
+            cfg = load_config(args.config or str(DEFAULT_CONFIG), [*args.overrides, f"method={args.methods[0]}",
+                                                                   f"seed={args.seeds[0]}",
+                                                                   f"output_dir={Path(args.out).resolve()}",
+                                                                   f"run_name={run_name(args.methods[0], args.seeds[0])}"])
+        except ConfigError as exc:
+            print(f"opcod.compare: {exc}", file=sys.stderr)
+            return 2
+        cli.print_config(cfg)
+        return 0
+    out = Path(args.out).resolve()   # made by the first run: a refused start leaves no empty folder
     for seed in args.seeds:
         for method in args.methods:
             rc = launch(method, seed, out, args.config, args.nproc, args.overrides)

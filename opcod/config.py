@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class StudentConfig:
     name: str = "student"
-    path: str = ""                      # a local Hugging Face model directory
+    path: str = ""                      # a local Hugging Face model folder, or a Hub id (Qwen/Qwen3-8B)
     # The domain it was trained for (its stronger domain): where gate=domain_selective lets it tutor
     # while incognizant. Empty: the domains where it scores best on each round's validation split.
     domain: str = ""
@@ -37,9 +37,11 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"           # synthetic | sciknoweval | jsonl
-    path: str = ""                      # sciknoweval root / HF name, or a folder of <domain>/{train,test}.jsonl
+    # sciknoweval: a SciKnowEval clone or its raw_data/, SDPO's split, a Hugging Face dataset id, or the
+    # folder `python -m opcod.data prepare` wrote; jsonl: a folder of <domain>/{train,test}.jsonl
+    path: str = ""
     domains: list[str] = field(default_factory=lambda: ["chemistry", "physics"])
-    val_size: int = 16                  # per domain, carved out of train
+    val_size: int = 16                  # per domain, carved out of train (a prepared validation.jsonl holds it)
     test_size: int = 0                  # per domain; 0 = the whole test split
     synthetic_train: int = 64           # per domain, synthetic source only
     synthetic_test: int = 24
@@ -168,7 +170,7 @@ class Config:
 @dataclass
 class SFTConfig:
     """torchrun -m opcod.sft: supervised fine-tuning on (messages, response) records."""
-    model: str = ""                     # base model directory (Hugging Face, safetensors)
+    model: str = ""                     # base model folder (Hugging Face, safetensors), or a Hub id
     output: str = ""                    # where the fine-tuned model is written (HF format, LoRA merged)
     data: str = ""                      # JSON lines: {"messages": [...], "response": "..."}
     epochs: int = 3
@@ -360,3 +362,10 @@ def save_config(cfg, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+if __name__ == "__main__":   # python -m opcod.config --markdown: docs/configuration.md
+    import sys
+
+    from opcod.config_doc import main
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Problems: SciKnowEval L3 MCQ (raw files, SDPO splits, or the Hugging Face dataset), splits, unions."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -160,7 +161,7 @@ def _hf_records(name: str, domain: str) -> list[Problem]:
         import datasets
     except ImportError:
         raise ValueError(f"{name!r} is not a local folder, and loading it as a Hugging Face dataset "
-                         "needs the 'datasets' package (pip install datasets)") from None
+                         "needs the 'datasets' package (pip install 'opcod[data]')") from None
     try:
         ds = datasets.load_dataset(name, split="test")
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, ...: say which and why
@@ -193,8 +194,10 @@ def load_sciknoweval(path, domain: str, split: str) -> list[Problem]:
                 root = root / "raw_data"
             records = _raw_records(root, domain)
         else:
-            raise FileNotFoundError(f"{root}: neither an SDPO-split root ({domain}/{split}.json) "
-                                    f"nor a raw_data root ({domain.capitalize()}/L3/*.jsonl)")
+            first = f"{domain.capitalize()}/L3/{RAW_FILES[domain][0]}.jsonl"
+            raise FileNotFoundError(f"{root}: not a SciKnowEval layout opcod knows: expected {root}/raw_data/{first} "
+                                    f"(a clone of the SciKnowEval repository), {root}/{first} (its raw_data "
+                                    f"folder) or {root}/{domain}/{split}.json (SDPO's split)")
     elif os.sep in str(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
         raise FileNotFoundError(f"{path}: no such folder")
     else:
@@ -261,9 +264,104 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
     return out
 
 
+def problems_text(problems: Iterable[Problem]) -> str:
+    """Problems as JSON lines in opcod's own format (what read_problems reads)."""
+    return "".join(json.dumps({"id": p.id, "domain": p.domain, "question": p.question, "options": p.options,
+                               "answer": p.answer, "solution": p.solution, "meta": p.meta}) + "\n"
+                   for p in problems)
+
+
 def write_problems(path: str | os.PathLike, problems: Iterable[Problem]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for p in problems:
-            f.write(json.dumps({"id": p.id, "domain": p.domain, "question": p.question,
-                                "options": p.options, "answer": p.answer, "solution": p.solution,
-                                "meta": p.meta}) + "\n")
+        f.write(problems_text(problems))
+
+
+# ----------------------------------------------------------------------------- python -m opcod.data prepare
+
+PREPARED_SPLITS = ("train", "validation", "test")
+# SDPO's split of each domain's L3 MCQ questions (train, test), for a note when a source differs.
+SDPO_SIZES = {"chemistry": (1890, 210), "physics": (720, 80), "material": (841, 94), "biology": (450, 50)}
+DEFAULT_VAL_SIZE = 100   # the paper configs' data.val_size (configs/*.yaml)
+
+
+def ids_digest(problems: Iterable[Problem]) -> str:
+    """SHA-256 of the problem ids, in order, one per line: the same digest means the same split."""
+    return hashlib.sha256("".join(p.id + "\n" for p in problems).encode()).hexdigest()
+
+
+def prepare(source, out, *, domains: Sequence[str] = DOMAINS, val_size: int = DEFAULT_VAL_SIZE,
+            split_seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """Write out/<domain>/{train,validation,test}.jsonl: SDPO's test split, and its train split less
+    a validation subset carved exactly as the trainer carves it (validation_split, data.split_seed).
+    Every file is checked before any is written; one that exists with other problems is replaced
+    only with `overwrite`. Returns the manifest also written to out/prepare.json."""
+    out = Path(out)
+    texts, manifest = {}, {"source": str(source), "val_size": val_size, "split_seed": split_seed, "domains": {}}
+    for domain in domains:
+        _check(domain, "train")
+        train, test = load_sciknoweval(source, domain, "train"), load_sciknoweval(source, domain, "test")
+        if (len(train), len(test)) != SDPO_SIZES[domain]:
+            log(f"note: {domain} has {len(train)} train / {len(test)} test problems, SDPO's split "
+                f"{SDPO_SIZES[domain][0]} / {SDPO_SIZES[domain][1]}: {source} is another version of SciKnowEval")
+        if not 0 <= val_size <= len(train):
+            raise ValueError(f"--val-size {val_size}: {domain} has {len(train)} train problems")
+        train, val = validation_split(train, val_size, seed=split_seed)
+        manifest["domains"][domain] = {}
+        for split, problems in zip(PREPARED_SPLITS, (train, val, test)):
+            texts[out / domain / f"{split}.jsonl"] = problems_text(problems)
+            manifest["domains"][domain][split] = {"count": len(problems), "ids_sha256": ids_digest(problems)}
+    texts[out / "prepare.json"] = json.dumps(manifest, indent=2) + "\n"
+    changed = [p for p, t in texts.items() if p.is_file() and p.read_text(encoding="utf-8") != t]
+    if changed and not overwrite:
+        raise FileExistsError(f"{changed[0]} exists and holds other problems (another source, --val-size or "
+                              f"--split-seed; {len(changed)} file(s) differ): pass --overwrite to replace them, "
+                              "or choose another OUT")
+    for path, text in texts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a reader never sees half a file
+    return manifest
+
+
+def format_manifest(manifest: dict) -> str:
+    lines = [f"{'domain':<10} " + " ".join(f"{s:>10}" for s in PREPARED_SPLITS) + "  ids sha256 (train / validation / test)"]
+    for domain, splits in manifest["domains"].items():
+        lines.append(f"{domain:<10} " + " ".join(f"{splits[s]['count']:>10}" for s in PREPARED_SPLITS) + "  "
+                     + " / ".join(splits[s]["ids_sha256"][:12] for s in PREPARED_SPLITS))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from . import cli
+    ap = cli.parser("python -m opcod.data", __doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", formatter_class=cli.HelpFormatter, description=prepare.__doc__,
+                       help="SciKnowEval L3 MCQ in SDPO's split, as <domain>/{train,validation,test}.jsonl")
+    p.add_argument("source", help="a clone of the SciKnowEval repository, its raw_data/ folder, a folder of SDPO's "
+                                  "split (<domain>/{train,test}.json) or a Hugging Face dataset id "
+                                  "(hicai-zju/SciKnowEval; needs pip install 'opcod[data]')")
+    p.add_argument("out", help="the folder to write; train on it with data.path=OUT")
+    p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE,
+                   help="validation problems per domain, carved out of SDPO's train split (data.val_size)")
+    p.add_argument("--split-seed", type=int, default=0, help="the carve-out's seed (data.split_seed)")
+    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="domains to write")
+    p.add_argument("--overwrite", action="store_true", help="replace files of OUT that hold other problems")
+    args = cli.parse(ap, argv)
+    try:
+        manifest = prepare(args.source, args.out, domains=args.domains, val_size=args.val_size,
+                           split_seed=args.split_seed, overwrite=args.overwrite,
+                           log=lambda m: print(m, file=sys.stderr))
+    except (OSError, ValueError) as exc:
+        print(f"opcod.data: {exc}", file=sys.stderr)
+        return 2
+    print(format_manifest(manifest))
+    print(f"wrote {args.out}: train with data.path={args.out} data.val_size={args.val_size}"
+          + (f" data.split_seed={args.split_seed}" if args.split_seed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,13 +14,13 @@ beside this plan when a GPU is lent, and docs/memory.md says which constants are
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cli
 from .config import Config, ConfigError, load_config
 
 GIB = 1 << 30
@@ -271,18 +271,26 @@ def check_fits(cfg: Config, world: int) -> Plan:
     return plan
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m opcod.plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="a run config (YAML)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, as for opcod.train")
-    ap.add_argument("--gpu-gib", type=float, default=H200_GIB, help=f"memory per GPU (default {H200_GIB:g}: an H200)")
+def build_parser():
+    ap = cli.parser("python -m opcod.plan", __doc__.split("\n\n")[0])
+    cli.add_config_args(ap, "a run config (YAML)", required=True)
+    ap.add_argument("--gpu-gib", type=float, default=H200_GIB, help=f"memory per GPU ({H200_GIB:g}: an H200)")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 2)),
                     help="GPUs, one rank each (default: WORLD_SIZE, else 2)")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            cli.print_config(cfg)
+            return 0
+        from .hub import resolve_students
+        resolve_students(cfg, files=["config.json"])  # by Hub id: the sizes are all a plan reads
         plan = make_plan(cfg, args.gpus, args.gpu_gib)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"opcod.plan: {exc}", file=sys.stderr)
         return 2
     print(plan.table())

@@ -87,3 +87,22 @@ def render(tokenizer, msgs: list[dict[str, str]], enable_thinking: bool = False)
     check_chat_template(tokenizer)
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
+
+
+@dataclass(frozen=True)
+class RationalePrompt:
+    """App. D.1's SFT data: a model writes the reasoning that reaches a training problem's gold
+    answer, given the problem and that answer (our wording: the paper's is not published). The
+    response is then stored after the student's own prompt, which shows no answer."""
+    system: str = ("You write worked solutions to multiple-choice science questions. You are told which option "
+                   "is correct; write the reasoning a careful student would give to reach it on their own.")
+    user: str = (
+        "{prompt}\n\nThe correct option is {answer}: {answer_text}\n\n"
+        "Write the step-by-step reasoning that leads to option {answer}, as if you were solving the question "
+        "without being told the answer: never say that it was given to you. Respond in exactly this format:\n"
+        "<reasoning>\n...\n</reasoning>\n<answer>\n{answer}\n</answer>")
+
+
+def rationale_messages(prompt: str, answer: str, answer_text: str,
+                       template: RationalePrompt = RationalePrompt()) -> list[dict[str, str]]:
+    return messages(template.user.format(prompt=prompt, answer=answer, answer_text=answer_text), template.system)

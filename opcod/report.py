@@ -67,6 +67,7 @@ def plot_validation(run_dir: Path, rounds: list[dict], final_validation: dict | 
         ax.set_title(f"validation: {domain}")
         ax.set_xlabel("round (last point: end of run)" if final_validation else "round")
         ax.set_ylabel("avg@k (%)")
+        ax.set_xticks([x for x, _ in points])   # rounds are whole numbers: no 1.5 on the axis
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()

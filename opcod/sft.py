@@ -1,7 +1,6 @@
 """torchrun -m opcod.sft: supervised fine-tuning (full or LoRA) on response tokens, on FSDP2."""
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import prompts
+from . import cli, prompts
 from .checkpoint import export_hf
 from .config import ConfigError, LoRAConfig, SFTConfig, load_config, save_config
 from .data import DataError, read_jsonl
@@ -137,20 +136,28 @@ def run_sft(cfg: SFTConfig, log=print) -> Path:
     return Path(cfg.output)
 
 
+def build_parser():
+    ap = cli.parser("torchrun -m opcod.sft", __doc__)
+    cli.add_config_args(ap, "a YAML file of SFTConfig keys, e.g. configs/sft/physics.yaml")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="torchrun -m opcod.sft", description=__doc__)
-    ap.add_argument("--config", help="a YAML file of SFTConfig keys")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. model=path output=path data=file.jsonl")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = cli.parse(build_parser(), argv)
     try:
         cfg = load_config(args.config, args.overrides, cls=SFTConfig)
     except ConfigError as exc:
         print(f"opcod.sft: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        cli.print_config(cfg)
+        return 0
     from .distributed import init_distributed, quiet_transformers
     quiet_transformers()
     init_distributed()
     try:
+        from .hub import resolve_all
+        cfg.model = resolve_all([(cfg.model, "model")])[0]  # model=Qwen/Qwen3-8B: from the Hub cache
         out = run_sft(cfg)
         if dist.get_rank() == 0:
             save_config(cfg, out / "sft_config.yaml")

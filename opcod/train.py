@@ -2,8 +2,8 @@
 colocated generation engines kept in sync through bucketed weight transfers."""
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, effects, report
+from . import checkpoint, cli, effects, report
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, Problem
 from .distributed import (all_sum, device_of_rank, init_distributed, log, on_orphan, quiet_transformers,
@@ -454,7 +454,9 @@ class CoDistillation:
 
 def train(cfg: Config) -> dict | None:
     """Algorithm 1 in cfg.run_dir: a fresh run, a resume under the config it started with, or the
-    summary of a finished one. One writer at a time: rank 0 holds the directory's lock."""
+    summary of a finished one. One writer at a time: rank 0 holds the directory's lock. A start
+    refused before anything is written leaves no run directory behind."""
+    created = [d for d in (cfg.run_dir, *cfg.run_dir.parents) if not d.exists()]
     lock = _take_lock(cfg)
     try:
         accepted = check_config(cfg, cfg.run_dir / "config.yaml")  # before any compute
@@ -470,6 +472,11 @@ def train(cfg: Config) -> dict | None:
     finally:
         if lock is not None:
             lock.release()
+            for d in created:  # only the folders this call made, and only while they are empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _take_lock(cfg: Config) -> RunLock | None:
@@ -575,11 +582,14 @@ def _train(run: CoDistillation, accepted: list) -> dict | None:
 
 # ----------------------------------------------------------------------------- entry point
 
+def build_parser():
+    ap = cli.parser("torchrun -m opcod.train", __doc__)
+    cli.add_config_args(ap, "a YAML config (default: the embedded CPU demo, opcod/configs/default.yaml)")
+    return ap
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="torchrun -m opcod.train", description=__doc__)
-    ap.add_argument("--config", help="a YAML config (default: the embedded CPU demo)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 rounds=2")
-    return ap.parse_args(argv)
+    return cli.parse(build_parser(), argv)
 
 
 def main(argv=None) -> int:
@@ -589,6 +599,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"opcod.train: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        cli.print_config(cfg)
+        return 0
+    if int(os.environ.get("RANK", 0)) == 0:
+        cli.warn_cpu_engine(cfg.engine.kind, "opcod.train")
     if cfg.demo:
         from .demo import pin_cpu_numerics
         pin_cpu_numerics()  # before the first tensor operation of the process
@@ -599,6 +614,9 @@ def main(argv=None) -> int:
         if cfg.demo:
             from .demo import prepare
             cfg = prepare(cfg)
+        else:
+            from .hub import resolve_students
+            cfg = resolve_students(cfg)  # students named by Hub id: rank 0 downloads, the others read its cache
         train(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         if not isinstance(exc, (ConfigError, DataError, FileNotFoundError)):

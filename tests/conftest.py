@@ -8,7 +8,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+# The shared data sits beside the repository (../shared); OPCOD_SHARED points elsewhere (a git worktree).
+SHARED = os.environ.get("OPCOD_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
 
 import pytest  # noqa: E402
 
