@@ -1,6 +1,7 @@
 """A peer trainer on opcod_kernels: TRL's SDPO trainer (trl.experimental.sdpo, TRL 1.16) with its
 logit-level self-distillation loss computed by fused_linear_jsd from hidden states, on a tiny Qwen3
 built offline. The first step's loss and gradients are compared with the same trainer's own loss.
+Also: TRL's GKD loss (generalized_jsd_loss on logits) is opcod_kernels.jsd with labels.
 
 TRL 1.16 has no hook for a fused loss in SDPO: its loss path forwards both models to full
 [B, T, V] logits (_compute_teacher_student_logits -> _forward_logits) and reduces them in
@@ -146,3 +147,28 @@ def test_trl_sdpo_trains_on_fused_linear_jsd(tokenizer, tiny_model_dir, tmp_path
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
     assert any(e.get("self_distillation/distillation_loss", 0) > 0 for e in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_trls_generalized_jsd_loss_is_jsd_with_labels(beta):
+    """TRL's GKD loss (generalized_jsd_loss, 'batchmean' over labels != -100, or divided by
+    num_items_in_batch) is jsd with labels and the same beta and temperature on both sides."""
+    from trl.experimental.gkd import GKDTrainer
+    from opcod_kernels import jsd
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2, torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[:, :2] = -100
+    a = s.float().requires_grad_()
+    ours = jsd(a.flatten(0, 1), t.float().flatten(0, 1), labels=labels.flatten(), beta=beta,
+               student_temperature=1.5, teacher_temperature=1.5)
+    ours.backward()
+    b = s.clone().requires_grad_()
+    theirs = GKDTrainer.generalized_jsd_loss(b, t, labels=labels, beta=beta, temperature=1.5)
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+    assert ((a.grad.double() - b.grad).norm() / b.grad.norm()).item() <= 1e-5
+    summed = jsd(s.float().flatten(0, 1), t.float().flatten(0, 1), labels=labels.flatten(), beta=beta,
+                 student_temperature=1.5, teacher_temperature=1.5, reduction="sum") / 40
+    with_items = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=1.5, num_items_in_batch=40)
+    assert abs(summed.item() - with_items.item()) <= 1e-5 * with_items.item()
