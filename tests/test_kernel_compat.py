@@ -66,7 +66,8 @@ def run_chunked(case, **kw):
     b, Wb, bb = leaf(hs.double()), leaf(Ws.double()), leaf(None if bs is None else bs.double())
     ref = chunked_reference(b, Wb, ht.double(), Wt.double(), labels, bb, None if bt is None else bt.double(), **kw)
     ref[0].backward()
-    got = {"loss": loss, "soft": soft, "hard": hard, "dH": a.grad, "dW": Wa.grad, "db": None if ba is None else ba.grad}
+    got = {"loss": loss, "soft": soft, "hard": hard, "dH": a.grad, "dW": Wa.grad,
+           "db": None if ba is None else ba.grad}
     want = {"loss": ref[0], "soft": ref[1], "hard": ref[2], "dH": b.grad, "dW": Wb.grad,
             "db": None if bb is None else bb.grad}
     return got, want

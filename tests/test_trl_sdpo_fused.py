@@ -7,90 +7,97 @@ TRL 1.16 has no hook for a fused loss in SDPO: its loss path forwards both model
 [B, T, V] logits (_compute_teacher_student_logits -> _forward_logits) and reduces them in
 _compute_self_distillation_loss. The subclass below overrides compute_loss for the logit-level
 modes only (full_logits, topk_logits, distillation_weight = 1) and leaves everything else to TRL."""
+import functools
 import math
 import os
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
-
-from opcod_kernels import fused_linear_jsd, fused_linear_logprobs  # noqa: E402
+from opcod_kernels import fused_linear_jsd, fused_linear_logprobs
 
 
-class FusedSDPOTrainer(SDPOTrainer):
-    """SDPOTrainer whose logit-level distillation loss never holds [B, T, V] logits."""
+@functools.cache
+def trainer_classes():
+    """(FusedSDPOTrainer, FirstStepChecked), built on first use: collecting this file imports no
+    TRL (the vLLM lane collects it beside another transformers); running a test without TRL fails."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.sdpo import SDPOTrainer
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (return_outputs or self.args.distillation_weight != 1.0 or self.use_teacher_server
-                or self.args.distillation_mode not in ("full_logits", "topk_logits")):
+    class FusedSDPOTrainer(SDPOTrainer):
+        """SDPOTrainer whose logit-level distillation loss never holds [B, T, V] logits."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (return_outputs or self.args.distillation_weight != 1.0 or self.use_teacher_server
+                    or self.args.distillation_mode not in ("full_logits", "topk_logits")):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+            return self.fused_distillation_loss(model, inputs) / scale
+
+        def _completion_hidden(self, model, input_ids, attention_mask, n):
+            # The states _forward_logits turns into logits: positions -n-1 .. -2 predict the completion.
+            lm = self.accelerator.unwrap_model(model)
+            out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            h = out.last_hidden_state
+            return h[:, -n - 1:-1], lm.get_output_embeddings().weight
+
+        def fused_distillation_loss(self, model, inputs):
+            args = self.args
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            B, n = completion_ids.shape
+            mask = completion_mask.float()
+            if inputs.get("self_distillation_mask") is not None:
+                mask = mask * inputs["self_distillation_mask"].unsqueeze(1)
+            h_s, W = self._completion_hidden(model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                                             torch.cat([inputs["prompt_mask"], completion_mask], 1), n)
+            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+                h_t, W_t = self._completion_hidden(self.teacher_model, inputs["teacher_input_ids"],
+                                                   inputs["teacher_attention_mask"], n)
+            h_s, h_t = h_s.reshape(B * n, -1), h_t.reshape(B * n, -1)
+            # SDPO's reduction as token weights: each sequence's token mean, averaged over sequences.
+            weights = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / B
+            old = inputs.get("old_per_token_logps")
+            if args.distillation_is_clip is not None and old is not None:
+                with torch.no_grad():  # the clipped importance ratio is a detached per-token weight
+                    logp = fused_linear_logprobs(h_s, W, completion_ids.reshape(-1), temperature=self.temperature)
+                    ratio = torch.exp((logp.view(B, n) - old).clamp(-20.0, 20.0)).clamp(max=args.distillation_is_clip)
+                weights = weights * ratio
+            topk = args.distillation_topk if args.distillation_mode == "topk_logits" else None
+            loss, rows = fused_linear_jsd(
+                h_s, h_t, W, None if W_t is W else W_t, beta=args.distillation_alpha,
+                student_temperature=self.temperature, teacher_temperature=self.temperature,
+                token_weights=weights.reshape(-1), reduction="sum", topk=topk, tail=args.distillation_add_tail,
+                return_token_losses=True)
+            mode = "train" if model.training else "eval"
+            flat = mask.reshape(-1)
+            self._log_self_distillation_metric(mode, ((rows * flat).sum() / flat.sum().clamp(min=1.0)).item())
+            return loss
+
+
+    class FirstStepChecked(FusedSDPOTrainer):
+        """Records, on the first batch, TRL's own loss and ours with their gradients, and TRL's loss
+        with the student and teacher in float64 (the ground truth for both)."""
+
+        first = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.first is None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                results = []
+                for fn in (SDPOTrainer.compute_loss, FusedSDPOTrainer.compute_loss, "float64"):
+                    if fn == "float64":
+                        for m in {model, self.teacher_model}:
+                            m.double()  # in place and exactly undone below: the optimizer keeps its tensors
+                        fn = SDPOTrainer.compute_loss
+                    loss = fn(self, model, inputs)
+                    results.append((loss.detach().double(), [g.double() for g in torch.autograd.grad(loss, params)]))
+                for m in {model, self.teacher_model}:
+                    m.float()
+                self.first = results, [name for name, p in model.named_parameters() if p.requires_grad]
+                self.clipped = inputs.get("old_per_token_logps") is not None
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
-        return self.fused_distillation_loss(model, inputs) / scale
 
-    def _completion_hidden(self, model, input_ids, attention_mask, n):
-        # The states _forward_logits turns into logits: positions -n-1 .. -2 predict the completion.
-        lm = self.accelerator.unwrap_model(model)
-        h = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return h[:, -n - 1:-1], lm.get_output_embeddings().weight
-
-    def fused_distillation_loss(self, model, inputs):
-        args = self.args
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        B, n = completion_ids.shape
-        mask = completion_mask.float()
-        if inputs.get("self_distillation_mask") is not None:
-            mask = mask * inputs["self_distillation_mask"].unsqueeze(1)
-        h_s, W = self._completion_hidden(model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
-                                         torch.cat([inputs["prompt_mask"], completion_mask], 1), n)
-        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
-            h_t, W_t = self._completion_hidden(self.teacher_model, inputs["teacher_input_ids"],
-                                               inputs["teacher_attention_mask"], n)
-        h_s, h_t = h_s.reshape(B * n, -1), h_t.reshape(B * n, -1)
-        # SDPO's reduction as token weights: each sequence's token mean, averaged over sequences.
-        weights = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / B
-        old = inputs.get("old_per_token_logps")
-        if args.distillation_is_clip is not None and old is not None:
-            with torch.no_grad():  # the clipped importance ratio is a detached per-token weight
-                logp = fused_linear_logprobs(h_s, W, completion_ids.reshape(-1), temperature=self.temperature)
-                ratio = torch.exp((logp.view(B, n) - old).clamp(-20.0, 20.0)).clamp(max=args.distillation_is_clip)
-            weights = weights * ratio
-        topk = args.distillation_topk if args.distillation_mode == "topk_logits" else None
-        loss, rows = fused_linear_jsd(
-            h_s, h_t, W, None if W_t is W else W_t, beta=args.distillation_alpha,
-            student_temperature=self.temperature, teacher_temperature=self.temperature,
-            token_weights=weights.reshape(-1), reduction="sum", topk=topk, tail=args.distillation_add_tail,
-            return_token_losses=True)
-        mode = "train" if model.training else "eval"
-        flat = mask.reshape(-1)
-        self._log_self_distillation_metric(mode, ((rows * flat).sum() / flat.sum().clamp(min=1.0)).item())
-        return loss
-
-
-class FirstStepChecked(FusedSDPOTrainer):
-    """Records, on the first batch, TRL's own loss and ours with their gradients, and TRL's loss
-    with the student and teacher in float64 (the ground truth for both)."""
-
-    first = None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.first is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            results = []
-            for fn in (SDPOTrainer.compute_loss, FusedSDPOTrainer.compute_loss, "float64"):
-                if fn == "float64":
-                    for m in {model, self.teacher_model}:
-                        m.double()  # in place and exactly undone below: the optimizer keeps its tensors
-                    fn = SDPOTrainer.compute_loss
-                loss = fn(self, model, inputs)
-                results.append((loss.detach().double(), [g.double() for g in torch.autograd.grad(loss, params)]))
-            for m in {model, self.teacher_model}:
-                m.float()
-            self.first = results, [name for name, p in model.named_parameters() if p.requires_grad]
-            self.clipped = inputs.get("old_per_token_logps") is not None
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    return FusedSDPOTrainer, FirstStepChecked
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +117,10 @@ def reward(prompts, completions, **kwargs):
 ])
 def test_trl_sdpo_trains_on_fused_linear_jsd(tokenizer, tiny_model_dir, tmp_path, mode, alpha, topk, tail,
                                              temperature, clip):
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM
+    from trl.experimental.sdpo import SDPOConfig
+    _, FirstStepChecked = trainer_classes()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prompts = ["What is the molar mass of water?", "Which unit measures force?", "Reason step by step.",
                "Correct the solution."]
@@ -156,7 +166,8 @@ def test_trls_generalized_jsd_loss_is_jsd_with_labels(beta):
     from trl.experimental.gkd import GKDTrainer
     from opcod_kernels import jsd
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2, torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2
+    s = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2
     labels = torch.randint(0, 50, (3, 7), generator=g)
     labels[:, :2] = -100
     a = s.float().requires_grad_()
@@ -170,5 +181,6 @@ def test_trls_generalized_jsd_loss_is_jsd_with_labels(beta):
     assert ((a.grad.double() - b.grad).norm() / b.grad.norm()).item() <= 1e-5
     summed = jsd(s.float().flatten(0, 1), t.float().flatten(0, 1), labels=labels.flatten(), beta=beta,
                  student_temperature=1.5, teacher_temperature=1.5, reduction="sum") / 40
-    with_items = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=1.5, num_items_in_batch=40)
+    with_items = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=1.5,
+                                                 num_items_in_batch=40)
     assert abs(summed.item() - with_items.item()) <= 1e-5 * with_items.item()

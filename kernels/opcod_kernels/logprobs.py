@@ -78,7 +78,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature: float = 1.0, 
     if bias is not None:
         _check_float("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],) or bias.device != weight.device:
-            raise ValueError(f"bias must be [{weight.shape[0]}] on {weight.device}, got {tuple(bias.shape)} on {bias.device}")
+            raise ValueError(f"bias must be [{weight.shape[0]}] on {weight.device}, "
+                             f"got {tuple(bias.shape)} on {bias.device}")
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
     # The bias joins the fp32 logits (rounded to the inputs' dtype first, as a linear layer's would be).
     b = None if bias is None else bias.to(hidden.dtype).float()
