@@ -73,7 +73,6 @@ def trainer_classes():
             self._log_self_distillation_metric(mode, ((rows * flat).sum() / flat.sum().clamp(min=1.0)).item())
             return loss
 
-
     class FirstStepChecked(FusedSDPOTrainer):
         """Records, on the first batch, TRL's own loss and ours with their gradients, and TRL's loss
         with the student and teacher in float64 (the ground truth for both)."""

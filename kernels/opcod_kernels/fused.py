@@ -306,7 +306,6 @@ def _check_topk(topk, tail, vocab):
         raise ValueError(f"tail must be a bool, got {tail!r}")
 
 
-
 def _weights_from_labels(token_weights, labels, ignore_index, n):
     """labels + ignore_index as token weights: a row counts iff its label is not ignore_index."""
     if labels is None:
@@ -528,7 +527,6 @@ class _LogitsJSDFunction(torch.autograd.Function):
         if vocab < ctx.width:  # padding columns of the student: no gradient
             grad = torch.nn.functional.pad(grad, (0, ctx.width - vocab))
         return grad.to(ctx.dtype), None, None, None, None, None, None, None, None, None, None
-
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
