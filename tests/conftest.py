@@ -1,4 +1,7 @@
-"""Test setup: without a GPU, Triton kernels run in its interpreter, which must be chosen before import."""
+"""Test setup: without a GPU, Triton kernels run in its interpreter, which must be chosen before import.
+
+The kernel tests (test_kernel*.py, test_memory_contract.py) also run in a venv holding opcod-kernels
+alone (.ci/kernels_lane), so this file imports nothing of opcod at import time: fixtures do it."""
 import os
 import sys
 

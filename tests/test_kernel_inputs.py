@@ -61,12 +61,166 @@ def test_strided_token_weights(backend, layout, reduction):
         assert rel_err(o, r) <= 1e-4, (name, rel_err(o, r))
 
 
-def test_float16_is_refused_by_name():
-    hs, ht, W, _ = [t.half() if t is not None else None for t in inputs(3)]
-    with pytest.raises(ValueError, match="student_hidden is float16.*bfloat16"):
-        K.fused_linear_jsd(hs, ht, W)
-    with pytest.raises(ValueError, match="student_logits is float16"):
-        K.jsd(hs @ W.T, ht @ W.T)
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_computes_in_its_dtype_and_fp32_weights_get_fp32_gradients(backend, hidden_dtype):
+    """The usual AMP setup: fp32 weights, hidden states from an autocast model (bf16) or fp32, the
+    loss called inside torch.autocast. Used to raise "weight dtype ... differs"."""
+    hs, ht, W, _ = inputs(11)
+    a, Wa = leaves(hs.to(hidden_dtype), W)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = K.fused_linear_jsd(a, ht.to(hidden_dtype), Wa, beta=0.5, chunk_size=8, backend=backend)
+    out.backward()
+    assert out.dtype == torch.float32 and a.grad.dtype == hidden_dtype and Wa.grad.dtype == torch.float32
+    # Ground truth: float64 on the operands rounded to bf16, which is what autocast computes on.
+    b, Wb = leaves(hs.bfloat16().double(), W.bfloat16().double())
+    ref = K.reference_fused_linear_jsd(b, ht.bfloat16().double(), Wb, beta=0.5)
+    ref.backward()
+    unrounded = K.reference_fused_linear_jsd(hs.double(), ht.double(), W.double(), beta=0.5)
+    assert rel_err(out, ref) <= 1e-5 < rel_err(unrounded, ref) / 10  # bf16 operands, fp32 rows
+    # dW reaches the fp32 weight without a bf16 rounding (that alone would be ~2e-3 off).
+    assert rel_err(Wa.grad, Wb.grad) <= 1e-5, rel_err(Wa.grad, Wb.grad)
+    assert rel_err(a.grad, b.grad) <= (1e-5 if hidden_dtype == torch.float32 else 2 ** -8)
+    for o, r in ((out, unrounded),):  # and the spec's bf16 target against the unrounded inputs
+        assert rel_err(o, r) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_float16_inputs_are_computed_in_fp32(backend, beta):
+    """fp16 hidden states and weight (used to be refused): fp32 logits and rows, fp16 gradients."""
+    hs, ht, W, _ = [t.half() for t in inputs(12)[:3]] + [None]
+    tw = (torch.rand(N, generator=torch.Generator().manual_seed(12)) > 0.3).to(DEVICE)
+    a, Wa = leaves(hs, W)
+    out = K.fused_linear_jsd(a, ht, Wa, beta=beta, token_weights=tw, chunk_size=8, backend=backend)
+    out.backward()
+    assert a.grad.dtype == Wa.grad.dtype == torch.float16
+    b, Wb = leaves(hs.double(), W.double())
+    ref = K.reference_fused_linear_jsd(b, ht.double(), Wb, beta=beta, token_weights=tw.double())
+    ref.backward()
+    # Against float64 on the same fp16 values: the loss is fp32-exact, gradients one fp16 rounding.
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(a.grad, b.grad) <= 1e-3 and rel_err(Wa.grad, Wb.grad) <= 1e-3
+    zs, zt = hs.float() @ W.float().T, ht.float() @ W.float().T
+    # Logits' gradients come back in fp16 as they are: ~1e-6 here, so scaled as fp16 training scales them.
+    za = zs.half().detach().requires_grad_()
+    (K.jsd(za, zt.half(), beta=beta, backend=backend) * 2.0 ** 16).backward()
+    zb = zs.half().double().requires_grad_()
+    (K.reference_jsd(zb, zt.half().double(), beta=beta) * 2.0 ** 16).backward()
+    assert za.grad.dtype == torch.float16 and rel_err(za.grad, zb.grad) <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float16_gradients_survive_a_mean_over_many_near_uniform_rows(backend):
+    """The measured reason fp16 used to be refused: with a "mean" over n rows each logit gradient is
+    ~ (1/n) x (1/V) x (q - p), here ~1e-10, below fp16's smallest subnormal (6e-8), so an fp16
+    gradient tile is all zeros. Rows stay fp32 and dH stays fp32 until backward has applied a loss
+    scale (GradScaler's 2^16), so the fp16 gradients match float64 to one fp16 rounding."""
+    n, h, v = 1024, 16, 2048
+    g = torch.Generator().manual_seed(13)
+    hs = (0.05 * torch.randn(n, h, generator=g)).half().to(DEVICE)
+    ht = (0.05 * torch.randn(n, h, generator=g)).half().to(DEVICE)
+    W = (torch.randn(v, h, generator=g) / h ** 0.5).half().to(DEVICE)
+    scale = 2.0 ** 16
+    a, Wa = leaves(hs, W)
+    (K.fused_linear_jsd(a, ht, Wa, backend=backend) * scale).backward()
+    b, Wb = leaves(hs.double(), W.double())
+    (K.reference_fused_linear_jsd(b, ht.double(), Wb) * scale).backward()
+    # The regime: the unscaled logit gradient held in fp16 would give a dH 96 % off (99.8 % of its
+    # entries round to 0), and the unscaled dH itself is subnormal in fp16.
+    z = (hs.double() @ W.double().T).requires_grad_()
+    K.reference_jsd(z, ht.double() @ W.double().T).backward()
+    assert rel_err(z.grad.half().double() @ W.double(), z.grad @ W.double()) > 0.5
+    assert (b.grad / scale).abs().max() < 2 ** -14
+    assert rel_err(a.grad, b.grad) <= 2e-3 and rel_err(Wa.grad, Wb.grad) <= 1e-3, (
+        rel_err(a.grad, b.grad), rel_err(Wa.grad, Wb.grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_student_and_teacher_bias(backend, head, reduction):
+    """Biases on the heads: logits h W^T + b. A shared head (no teacher_weight) shares its bias too;
+    a separate teacher head takes teacher_bias. The bias gets its gradient, the teacher's none."""
+    hs, ht, W, Wt = inputs(14, Vt=None if head == "shared" else V)
+    g = torch.Generator().manual_seed(14)
+    bias = torch.randn(V, generator=g).to(DEVICE)
+    tbias = None if head == "shared" else torch.randn(V, generator=g).to(DEVICE).requires_grad_()
+    upstream = torch.randn(N, generator=g).to(DEVICE) if reduction == "none" else None
+    a, Wa, ba = leaves(hs, W, bias)
+    out = K.fused_linear_jsd(a, ht, Wa, Wt, bias=ba, teacher_bias=tbias, beta=0.4, reduction=reduction,
+                             student_temperature=1.2, chunk_size=8, backend=backend)
+    (out if upstream is None else (out * upstream).sum()).backward()
+    b, Wb, bb = leaves(hs.double(), W.double(), bias.double())
+    zt = ht.double() @ (W if Wt is None else Wt).double().T + (bias if tbias is None else tbias.detach()).double()
+    ref = K.reference_jsd(b @ Wb.T + bb, zt, beta=0.4, reduction=reduction, student_temperature=1.2)
+    (ref if upstream is None else (ref * upstream.double()).sum()).backward()
+    for name, o, r in (("loss", out, ref), ("dH", a.grad, b.grad), ("dW", Wa.grad, Wb.grad), ("db", ba.grad, bb.grad)):
+        assert rel_err(o, r) <= 1e-4, (name, rel_err(o, r))
+    assert tbias is None or tbias.grad is None
+    with pytest.raises(ValueError, match="bias"):
+        K.fused_linear_jsd(hs, ht, W, bias=bias[:-1])
+    with pytest.raises(ValueError, match="teacher_bias"):
+        K.fused_linear_jsd(hs, ht, W, Wt, bias=bias, teacher_bias=bias[None])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-100, 42])
+def test_labels_with_ignore_index_count_the_rows_they_keep(backend, ignore_index):
+    """labels [N] + ignore_index (Liger's and TRL's callers) instead of token_weights: the same
+    numbers as the 0/1 mask, to the bit."""
+    hs, ht, W, _ = inputs(15)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    labels[::3] = ignore_index
+    results = []
+    for kw in (dict(labels=labels, ignore_index=ignore_index), dict(token_weights=labels != ignore_index)):
+        a, Wa = leaves(hs, W)
+        out = K.fused_linear_jsd(a, ht, Wa, beta=0.5, chunk_size=8, backend=backend, **kw)
+        out.backward()
+        results.append((out, a.grad, Wa.grad))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+    b, Wb = leaves(hs.double(), W.double())
+    ref = K.reference_fused_linear_jsd(b, ht.double(), Wb, beta=0.5, token_weights=(labels != ignore_index).double())
+    ref.backward()
+    assert rel_err(results[0][0], ref) <= 1e-4 and rel_err(results[0][2], Wb.grad) <= 1e-4
+    z = hs @ W.T
+    assert torch.equal(K.jsd(z, ht @ W.T, labels=labels, ignore_index=ignore_index, backend=backend),
+                       K.jsd(z, ht @ W.T, token_weights=labels != ignore_index, backend=backend))
+    for bad, match in ((dict(labels=labels, token_weights=torch.ones(N, device=DEVICE)), "labels"),
+                       (dict(labels=labels.float()), "labels"), (dict(labels=labels[:-1]), "labels"),
+                       (dict(labels=labels, ignore_index=-100.0), "ignore_index")):
+        with pytest.raises(ValueError, match=match):
+            K.fused_linear_jsd(hs, ht, W, **bad)
+
+
+def test_the_module_takes_every_option_of_the_function():
+    """Each keyword option of fused_linear_jsd is a FusedLinearJSD setting or a call argument,
+    and the module gives the function's numbers for them."""
+    import inspect
+    fn = inspect.signature(K.fused_linear_jsd).parameters
+    options = {k for k, p in fn.items() if p.kind is p.KEYWORD_ONLY}
+    init = set(inspect.signature(K.FusedLinearJSD.__init__).parameters) - {"self"}
+    call = set(inspect.signature(K.FusedLinearJSD.forward).parameters) - {"self"}
+    assert options <= init | call, options - init - call
+    for name in init:
+        assert fn[name].default == inspect.signature(K.FusedLinearJSD.__init__).parameters[name].default, name
+    hs, ht, W, _ = inputs(16)
+    labels = torch.arange(N, device=DEVICE)
+    labels[::4] = -1
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    settings = dict(beta=0.3, student_temperature=1.5, teacher_temperature=0.9, reduction="sum", chunk_size=8,
+                    backend="torch", vocab_size=V - 10, ignore_index=-1, topk=20, tail=False,
+                    return_token_losses=True)
+    module = K.FusedLinearJSD(**settings)
+    assert "topk=20" in repr(module)
+    got = module(hs, ht, W, labels=labels, bias=bias)
+    want = K.fused_linear_jsd(hs, ht, W, labels=labels, bias=bias, **settings)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -151,17 +305,18 @@ def test_vocabularies_padded_differently(backend):
 def test_torch_compile_fullgraph(backend):
     hs, ht, W, _ = inputs(8)
     tw = (torch.rand(N, generator=torch.Generator().manual_seed(8)) > 0.2).float().to(DEVICE)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(9)).to(DEVICE)
 
-    def loss_fn(h, t, w, m):
-        return K.fused_linear_jsd(h * 1.5, t, w, beta=0.3, token_weights=m, backend=backend) * 2.0
+    def loss_fn(h, t, w, m, b):
+        return K.fused_linear_jsd(h * 1.5, t, w, beta=0.3, token_weights=m, bias=b, backend=backend) * 2.0
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     grads = []
     for fn in (loss_fn, compiled):
-        a, Wa = hs.clone().requires_grad_(), W.clone().requires_grad_()
-        out = fn(a, ht, Wa, tw)
+        a, Wa, ba = leaves(hs, W, bias)
+        out = fn(a, ht, Wa, tw, ba)
         out.backward()
-        grads.append((out.detach(), a.grad, Wa.grad))
+        grads.append((out.detach(), a.grad, Wa.grad, ba.grad))
     for e, c in zip(*grads):
         assert torch.allclose(e, c, rtol=1e-6, atol=1e-9)
 

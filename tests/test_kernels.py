@@ -233,3 +233,21 @@ def test_row_kernel_writes_low_precision_gradient_into_grad_out(backend, beta):
     assert torch.equal(loss, ref_loss)
     assert not out.isnan().any()
     assert ((out.float() - ref_grad).abs() <= ref_grad.abs() * 2.0 ** -7).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-3)])
+def test_fused_linear_logprobs_with_a_bias(dtype, tol):
+    hs, _, W, _ = make(14, dtype=dtype)
+    g = torch.Generator().manual_seed(14)
+    bias = torch.randn(V, generator=g).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    upstream = torch.randn(N, generator=g).to(DEVICE)
+    a, Wa, ba = (t.clone().requires_grad_() for t in (hs, W, bias))
+    out = K.fused_linear_logprobs(a, Wa, targets, temperature=0.8, chunk_size=8, bias=ba)
+    (out * upstream).sum().backward()
+    b, Wb, bb = (t.double().requires_grad_() for t in (hs, W, bias))
+    ref = K.reference_logprobs(b, Wb, targets, temperature=0.8, bias=bb)
+    (ref * upstream.double()).sum().backward()
+    assert ba.grad.dtype == dtype
+    for name, o, r in (("logp", out, ref), ("dH", a.grad, b.grad), ("dW", Wa.grad, Wb.grad), ("db", ba.grad, bb.grad)):
+        assert rel_err(o, r) <= tol, (name, rel_err(o, r))

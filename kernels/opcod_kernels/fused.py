@@ -1,6 +1,7 @@
 """Fused linear + generalized-JSD loss: chunked over rows, never holding [N, V] logits."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -23,14 +24,20 @@ def _check_float(name, t):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dtype == torch.float16:
-        # The chunk's gradient tile is stored in the input dtype; fp16's range underflows it.
-        raise ValueError(f"{name} is float16, which this kernel refuses (its gradients underflow): "
-                         "use bfloat16 or float32")
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype torch.autocast computes matmuls in on this device, or None outside autocast."""
+    if device.type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return None
+    try:
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    except RuntimeError:  # a device type this torch build has no autocast for
+        return None
 
 
 def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weights,
-              reduction, chunk_size, backend, vocab_size, logits=False):
+              reduction, chunk_size, backend, vocab_size, logits=False, amp=False):
     what = "logits" if logits else "hidden"
     _check_float(f"student_{what}", student)
     _check_float(f"teacher_{what}", teacher)
@@ -45,8 +52,10 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
         if weight.dim() != 2 or weight.shape[1] != student.shape[1]:
             raise ValueError(f"weight must be [V, H] with H = student_hidden.shape[1] = "
                              f"{student.shape[1]}, got shape {tuple(weight.shape)}")
-        if weight.dtype != student.dtype:
-            raise ValueError(f"weight dtype {weight.dtype} differs from student_hidden dtype {student.dtype}")
+        # Under torch.autocast the dtypes may differ: every operand is cast to autocast's dtype.
+        if weight.dtype != student.dtype and not amp:
+            raise ValueError(f"weight dtype {weight.dtype} differs from student_hidden dtype {student.dtype} "
+                             "(cast one of them, or call the loss inside torch.autocast)")
         tw = weight if teacher_weight is None else teacher_weight
         if teacher_weight is not None:
             _check_float("teacher_weight", teacher_weight)
@@ -56,8 +65,9 @@ def _validate(student, teacher, weight, teacher_weight, beta, ts, tt, token_weig
             raise ValueError(f"teacher_hidden must be [N, {tw.shape[1]}] to match "
                              f"{'teacher_weight' if teacher_weight is not None else 'weight'}, "
                              f"got shape {tuple(teacher.shape)}")
-        if teacher.dtype != tw.dtype:
-            raise ValueError(f"teacher_hidden dtype {teacher.dtype} differs from its weight's {tw.dtype}")
+        if teacher.dtype != tw.dtype and not amp:
+            raise ValueError(f"teacher_hidden dtype {teacher.dtype} differs from its weight's {tw.dtype} "
+                             "(cast one of them, or call the loss inside torch.autocast)")
         devices |= {weight.device, tw.device}
         widths = (weight.shape[0], tw.shape[0])
     else:
@@ -121,15 +131,15 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, budget_byt
     return int(max(1, min(rows, n_rows)))
 
 
-_HAS_OUT_DTYPE: dict[str, bool] = {}
+_HAS_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _low_precision_fp32_gemm_ok(device: torch.device) -> bool:
-    """Whether torch.mm(bf16, bf16, out_dtype=float32) exists here (CUDA, torch >= 2.8)."""
-    key = str(device)
+def _low_precision_fp32_gemm_ok(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch.mm(x, x, out_dtype=float32) exists here for this dtype (CUDA, torch >= 2.8)."""
+    key = (str(device), dtype)
     if key not in _HAS_OUT_DTYPE:
         try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            a = torch.ones(2, 2, dtype=dtype, device=device)
             torch.mm(a, a, out_dtype=torch.float32)
             _HAS_OUT_DTYPE[key] = True
         except (TypeError, RuntimeError, NotImplementedError):
@@ -141,9 +151,43 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     """out = a @ b in fp32, whatever the input dtype (bf16 GEMMs accumulate and store in fp32)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda and _low_precision_fp32_gemm_ok(a.device):
+    if a.is_cuda and _low_precision_fp32_gemm_ok(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, rounded once into out's dtype (an fp32 out from bf16 operands keeps fp32 sums)."""
+    if out.dtype == a.dtype == b.dtype:
+        torch.mm(a, b, out=out)
+    elif (out.dtype == torch.float32 and a.dtype == b.dtype and a.is_cuda
+          and _low_precision_fp32_gemm_ok(a.device, a.dtype)):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(torch.mm(a, b.to(a.dtype)))
+
+
+def _operand_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype GEMM operands are held in. bf16 stays bf16 on CUDA, which has bf16 x bf16 -> fp32
+    GEMMs; everything else is computed in fp32 after rounding to `compute`: CPU has no such GEMM,
+    and fp16 operands would mean an fp16 gradient tile, whose entries (row weight x probability,
+    ~1e-10 for a "mean" over 8k tokens) fp16 flushes to zero, while bf16 has fp32's range."""
+    if device.type == "cuda" and compute == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _dh_dtype(h_s: torch.Tensor) -> torch.dtype:
+    """dH as the op returns it: fp16 inputs keep it in fp32 until backward has applied the upstream
+    gradient (a GradScaler's scale), so its small entries are scaled before they are rounded."""
+    return torch.float32 if h_s.dtype == torch.float16 else h_s.dtype
+
+
+def _autocast_off(device: torch.device):
+    # Inside the op every GEMM picks its own dtypes: an enclosing autocast must not recast them.
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _group(name: str):
@@ -156,63 +200,78 @@ def _group(name: str):
 # ----------------------------------------------------------------------------- the chunk loop
 
 def _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, rows_fn, vocab,
-             want_dh, want_dw, write_grad, group=None):
-    """Loss per row, and (if write_grad) dH and fp32 dW already scaled by row_scale. Only the first
-    `vocab` rows of W and W_t take part (a padded vocabulary's extra rows get no gradient)."""
+             want_dh, want_dw, write_grad, group=None, *, b_s=None, b_t=None, want_db=False, amp=None):
+    """Loss per row, and (if write_grad) dH, fp32 dW and fp32 dB already scaled by row_scale. Only the
+    first `vocab` rows of W and W_t and entries of the biases take part (a padded vocabulary's extra
+    rows get no gradient). amp: autocast's dtype, which every operand is rounded to; else each side
+    computes in its own inputs' dtype."""
     N, H = h_s.shape
     V = W.shape[0]
     device = h_s.device
     shared = W_t is None
+    cdt_s, cdt_t = (amp, amp) if amp is not None else (h_s.dtype, h_t.dtype)
+    odt_s, odt_t = _operand_dtype(cdt_s, device), _operand_dtype(cdt_t, device)
+
+    def operand(t, cdt, odt):
+        # Round to the compute dtype first (what autocast's bf16 GEMM would see), then hold as odt.
+        t = t if t.dtype == cdt else t.to(cdt)
+        return t if t.dtype == odt else t.to(odt)
+
     loss_rows = torch.empty(N, dtype=torch.float32, device=device)
     # With the vocabulary split over ranks each dH is a partial sum: kept in fp32 and all-reduced.
-    dH = (torch.empty(N, H, dtype=torch.float32 if group is not None else h_s.dtype, device=device)
-          if (write_grad and want_dh) else None)
+    dh_acc = torch.float32 if group is not None else _dh_dtype(h_s)
+    dH = torch.empty(N, H, dtype=dh_acc, device=device) if (write_grad and want_dh) else None
     dW_full = torch.zeros(V, H, dtype=torch.float32, device=device) if (write_grad and want_dw) else None
     dW = None if dW_full is None else dW_full[:vocab]
-    # CPU has no bf16 -> fp32 GEMM: take an fp32 copy of the weight once (inputs-sized, not N-sized).
-    low_cpu = not h_s.is_cuda and h_s.dtype != torch.float32
-    W_f = (W[:vocab].float() if low_cpu else W[:vocab])
-    W_tf = W_f if shared else (W_t[:vocab].float() if low_cpu else W_t[:vocab])
+    dB_full = torch.zeros(V, dtype=torch.float32, device=device) if (write_grad and want_db) else None
+    dB = None if dB_full is None else dB_full[:vocab]
+    # Weight-sized copies at most (inputs-sized, not N-sized): the weight in the operand dtype.
+    W_f = operand(W[:vocab], cdt_s, odt_s)
+    W_tf = W_f if shared else operand(W_t[:vocab], cdt_t, odt_t)
+    # Biases are added to the fp32 logits, rounded to the compute dtype first as autocast's would be.
+    bias_s = None if b_s is None else b_s[:vocab].to(cdt_s).float()
+    bias_t = None if b_t is None else b_t[:vocab].to(cdt_t).float()
     buf = torch.empty(2 * chunk, vocab, dtype=torch.float32, device=device)
-    # Low-precision weights take the gradient in their dtype, written by the row kernel itself.
-    gbuf = torch.empty(chunk, vocab, dtype=W_f.dtype, device=device) \
-        if write_grad and W_f.dtype != torch.float32 else None
+    # Low-precision operands take the gradient in their dtype, written by the row kernel itself.
+    gbuf = torch.empty(chunk, vocab, dtype=odt_s, device=device) \
+        if write_grad and odt_s != torch.float32 else None
     for start in range(0, N, chunk):
         c = min(chunk, N - start)
-        hs = h_s[start:start + c]
-        ht = h_t[start:start + c]
-        if low_cpu:
-            hs, ht = hs.float(), ht.float()
+        hs = operand(h_s[start:start + c], cdt_s, odt_s)
+        ht = operand(h_t[start:start + c], cdt_t, odt_t)
         z = buf[:2 * c]
-        if shared:
+        if shared:  # same weight, so (validated, or by autocast) the same operand dtype on both sides
             _mm_f32(torch.cat([hs, ht]), W_f.T, out=z)  # one GEMM for student and teacher logits
         else:
             _mm_f32(hs, W_f.T, out=z[:c])
             _mm_f32(ht, W_tf.T, out=z[c:])
         zs, zt = z[:c], z[c:]
+        if bias_s is not None:
+            zs.add_(bias_s)
+        if bias_t is not None:
+            zt.add_(bias_t)
         low = None if gbuf is None else gbuf[:c]
         rows_fn(zs, zt, row_scale[start:start + c], loss_rows[start:start + c],
                 inv_ts, inv_tt, beta, write_grad, grad_out=low)
-        g = zs if low is None else low
         if not write_grad:
             continue
+        g = zs if low is None else low
         if dH is not None:
-            if dH.dtype == g.dtype and g.dtype == W_f.dtype:
-                torch.mm(g, W_f, out=dH[start:start + c])
-            else:
-                dH[start:start + c] = torch.mm(g, W_f.to(g.dtype)).to(dH.dtype)
+            _mm_into(dH[start:start + c], g, W_f)
         if dW is not None:
             if g.dtype == torch.float32:
-                dW.addmm_(g.T, hs.float() if hs.dtype != torch.float32 else hs)
-            elif _low_precision_fp32_gemm_ok(dW.device):
+                dW.addmm_(g.T, hs)  # hs is fp32 whenever the gradient tile is
+            elif _low_precision_fp32_gemm_ok(dW.device, g.dtype):
                 torch.addmm(dW, g.T, hs, out_dtype=torch.float32, out=dW)
             else:
                 dW.addmm_(g.T.float(), hs.float())
+        if dB is not None:
+            dB.add_(g.sum(0, dtype=torch.float32))
     if dH is not None and group is not None:
         import torch.distributed as dist
         dist.all_reduce(dH, group=group)
-        dH = dH.to(h_s.dtype)
-    return loss_rows, dH, dW_full
+        dH = dH.to(_dh_dtype(h_s))
+    return loss_rows, dH, dW_full, dB_full
 
 
 def _row_weights(token_weights, n, device):
@@ -247,99 +306,152 @@ def _check_topk(topk, tail, vocab):
         raise ValueError(f"tail must be a bool, got {tail!r}")
 
 
+def _weights_from_labels(token_weights, labels, ignore_index, n):
+    """labels + ignore_index as token weights: a row counts iff its label is not ignore_index."""
+    if labels is None:
+        return token_weights
+    if token_weights is not None:
+        raise ValueError("pass token_weights or labels (with ignore_index), not both: "
+                         "fold the mask into token_weights, e.g. token_weights * (labels != ignore_index)")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of shape [{n}], got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape [{n}] (one per row), got {tuple(labels.shape)}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return labels != ignore_index
+
+
+def _check_bias(name, b, w, wname, amp):
+    if b is None:
+        return
+    _check_float(name, b)
+    if b.dim() != 1 or b.shape[0] != w.shape[0]:
+        raise ValueError(f"{name} must be 1-D with one entry per row of {wname} ({w.shape[0]}), "
+                         f"got shape {tuple(b.shape)}")
+    if b.dtype != w.dtype and not amp:
+        raise ValueError(f"{name} dtype {b.dtype} differs from {wname} dtype {w.dtype}")
+    if b.device != w.device:
+        raise ValueError(f"all tensors must be on one device, got {name} on {b.device} and {wname} on {w.device}")
+
+
 # ----------------------------------------------------------------------------- the registered op
 # A torch.library custom op with a fake (meta) implementation and its autograd, so that
 # torch.compile(fullgraph=True) traces a loss that calls fused_linear_jsd as one opaque node.
 
 @torch.library.custom_op("opcod_kernels::fused_linear_jsd", mutates_args=())
 def _fused_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
+              b_s: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
               w: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, reduction: str, chunk: int,
               backend: str, vocab: int, group_name: str, topk: int, tail: bool, want_dh: bool,
-              want_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-row losses, dH, dW fp32): the gradients come out of the forward for "mean" and
-    "sum" (already scaled by the reduction's row weights); empty when not wanted or for "none"."""
+              want_dw: bool, want_db: bool, amp: Optional[torch.dtype]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-row losses, dH, dW fp32, dB fp32): the gradients come out of the forward for "mean"
+    and "sum" (already scaled by the reduction's row weights); empty when not wanted or for "none"."""
     group = _group(group_name)
-    eager = reduction != "none" and (want_dh or want_dw)
-    loss_rows, dH, dW = _chunked(h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w, beta, inv_ts,
-                                 inv_tt, chunk, _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh,
-                                 want_dw, eager, group)
-    return (_reduce(loss_rows, w, reduction), loss_rows,
-            _empty(h_s) if dH is None else dH, _empty(loss_rows) if dW is None else dW)
+    eager = reduction != "none" and (want_dh or want_dw or want_db)
+    with _autocast_off(h_s.device):
+        loss_rows, dH, dW, dB = _chunked(
+            h_s, h_t, W, W_t, _grad_scale(w, reduction) if eager else w, beta, inv_ts, inv_tt, chunk,
+            _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh, want_dw, eager, group,
+            b_s=b_s, b_t=b_t, want_db=want_db, amp=amp)
+        loss = _reduce(loss_rows, w, reduction)
+    return (loss, loss_rows, h_s.new_empty(0, dtype=_dh_dtype(h_s)) if dH is None else dH,
+            _empty(loss_rows) if dW is None else dW, _empty(loss_rows) if dB is None else dB)
 
 
 @_fused_op.register_fake
-def _(h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk, tail,
-      want_dh, want_dw):
+def _(h_s, h_t, W, W_t, b_s, b_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk,
+      tail, want_dh, want_dw, want_db, amp):
     N, H = h_s.shape
     eager = reduction != "none"
     loss = h_s.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
-    dH = h_s.new_empty((N, H) if eager and want_dh else (0,))
+    dH = h_s.new_empty((N, H) if eager and want_dh else (0,), dtype=_dh_dtype(h_s))
     dW = h_s.new_empty(tuple(W.shape) if eager and want_dw else (0,), dtype=torch.float32)
-    return loss, h_s.new_empty((N,), dtype=torch.float32), dH, dW
+    dB = h_s.new_empty((W.shape[0],) if eager and want_db else (0,), dtype=torch.float32)
+    return loss, h_s.new_empty((N,), dtype=torch.float32), dH, dW, dB
 
 
 @torch.library.custom_op("opcod_kernels::fused_linear_jsd_backward", mutates_args=())
 def _fused_backward_op(h_s: torch.Tensor, h_t: torch.Tensor, W: torch.Tensor, W_t: Optional[torch.Tensor],
+                       b_s: Optional[torch.Tensor], b_t: Optional[torch.Tensor],
                        row_scale: torch.Tensor, beta: float, inv_ts: float, inv_tt: float, chunk: int,
                        backend: str, vocab: int, group_name: str, topk: int, tail: bool, want_dh: bool,
-                       want_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       want_dw: bool, want_db: bool, amp: Optional[torch.dtype]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction="none": the upstream gradient is per row and enters dW inside its GEMM, so the
     chunks are computed again with it as the row scale."""
     group = _group(group_name)
-    _, dH, dW = _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk,
-                         _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh, want_dw, True, group)
-    return _empty(h_s) if dH is None else dH, _empty(row_scale) if dW is None else dW
+    with _autocast_off(h_s.device):
+        _, dH, dW, dB = _chunked(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk,
+                                 _rows_fn(backend, h_s.device, group, topk, tail), vocab, want_dh, want_dw, True,
+                                 group, b_s=b_s, b_t=b_t, want_db=want_db, amp=amp)
+    return (h_s.new_empty(0, dtype=_dh_dtype(h_s)) if dH is None else dH,
+            _empty(row_scale) if dW is None else dW, _empty(row_scale) if dB is None else dB)
 
 
 @_fused_backward_op.register_fake
-def _(h_s, h_t, W, W_t, row_scale, beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh,
-      want_dw):
-    dH = h_s.new_empty(tuple(h_s.shape) if want_dh else (0,))
-    return dH, h_s.new_empty(tuple(W.shape) if want_dw else (0,), dtype=torch.float32)
+def _(h_s, h_t, W, W_t, b_s, b_t, row_scale, beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail,
+      want_dh, want_dw, want_db, amp):
+    dH = h_s.new_empty(tuple(h_s.shape) if want_dh else (0,), dtype=_dh_dtype(h_s))
+    dW = h_s.new_empty(tuple(W.shape) if want_dw else (0,), dtype=torch.float32)
+    return dH, dW, h_s.new_empty((W.shape[0],) if want_db else (0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    (h_s, h_t, W, W_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk, tail,
-     want_dh, want_dw) = inputs
+    (h_s, h_t, W, W_t, b_s, b_t, w, beta, inv_ts, inv_tt, reduction, chunk, backend, vocab, group_name, topk, tail,
+     want_dh, want_dw, want_db, amp) = inputs
     ctx.reduction, ctx.w_dtype, ctx.h_dtype = reduction, W.dtype, h_s.dtype
-    ctx.args = (beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw)
+    ctx.b_dtype = None if b_s is None else b_s.dtype
+    ctx.args = (beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw, want_db, amp)
     if reduction == "none":
-        ctx.save_for_backward(h_s, h_t, W, W_t, w)
+        ctx.save_for_backward(h_s, h_t, W, W_t, b_s, b_t, w)
     else:
-        ctx.save_for_backward(output[2], output[3])
+        ctx.save_for_backward(output[2], output[3], output[4])
 
 
-def _backward(ctx, g_loss, _g_rows, _g_dh, _g_dw):
-    beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw = ctx.args
+def _backward(ctx, g_loss, _g_rows, _g_dh, _g_dw, _g_db):
+    beta, inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw, want_db, amp = ctx.args
     if ctx.reduction == "none":
-        h_s, h_t, W, W_t, w = ctx.saved_tensors
-        dH, dW = _fused_backward_op(h_s, h_t, W, W_t, (g_loss.float() * w).contiguous(), beta, inv_ts, inv_tt,
-                                    chunk, backend, vocab, group_name, topk, tail, want_dh, want_dw)
+        h_s, h_t, W, W_t, b_s, b_t, w = ctx.saved_tensors
+        dH, dW, dB = _fused_backward_op(h_s, h_t, W, W_t, b_s, b_t, (g_loss.float() * w).contiguous(), beta,
+                                        inv_ts, inv_tt, chunk, backend, vocab, group_name, topk, tail, want_dh,
+                                        want_dw, want_db, amp)
         g = None
     else:
-        dH, dW = ctx.saved_tensors
+        dH, dW, dB = ctx.saved_tensors
         g = g_loss.float()  # a scalar; always applied, since testing it for 1 would sync
         dH = dH * g.to(dH.dtype) if want_dh else dH
-    # Scaled in fp32 and rounded on store into the weight's dtype: no second fp32 [V, H].
+    # Scaled in fp32 and rounded on store into the input's dtype: no second fp32 [V, H].
+    dH = dH.to(ctx.h_dtype) if want_dh else None
     dW = torch.mul(dW, 1.0 if g is None else g).to(ctx.w_dtype) if want_dw else None
-    return (dH if want_dh else None, None, dW, None, None, None, None, None, None, None, None, None, None,
-            None, None, None, None)
+    dB = torch.mul(dB, 1.0 if g is None else g).to(ctx.b_dtype) if want_db else None
+    return (dH, None, dW, None, dB) + (None,) * 16
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None, *, beta=0.5,
-                     student_temperature=1.0, teacher_temperature=1.0, token_weights=None,
-                     reduction="mean", chunk_size=None, backend="auto", vocab_size=None,
-                     return_token_losses=False, process_group=None, topk=None, tail=True):
+                     student_temperature=1.0, teacher_temperature=1.0, token_weights=None, labels=None,
+                     ignore_index=-100, bias=None, teacher_bias=None, reduction="mean", chunk_size=None,
+                     backend="auto", vocab_size=None, return_token_losses=False, process_group=None,
+                     topk=None, tail=True):
     """Generalized JSD between the student's and the teacher's next-token distributions.
 
-    Student logits are student_hidden @ weight.T, teacher logits teacher_hidden @ teacher_weight.T
-    (teacher_weight defaults to weight, detached). beta = 0 is KL(P||Q), beta = 1 KL(Q||P), P the
-    teacher, Q the student. Gradients reach student_hidden and weight only. Returns a scalar for
-    "mean" (over the weighted rows) and "sum", per-row weighted losses [N] for "none"; with
-    return_token_losses, also each row's unweighted divergence [N] (detached, from the same pass).
+    Student logits are student_hidden @ weight.T + bias, teacher logits teacher_hidden @
+    teacher_weight.T + teacher_bias (teacher_weight defaults to weight, detached, and then
+    teacher_bias to bias). beta = 0 is KL(P||Q), beta = 1 KL(Q||P), P the teacher, Q the student.
+    Gradients reach student_hidden, weight and bias only. Returns a scalar for "mean" (over the
+    weighted rows) and "sum", per-row weighted losses [N] for "none"; with return_token_losses, also
+    each row's unweighted divergence [N] (detached, from the same pass).
+
+    token_weights [N] (float or bool) weight the rows; labels [N] (int) with ignore_index instead count
+    the rows whose label is not ignore_index. Inside torch.autocast the GEMMs take autocast's dtype
+    (operands rounded to it, logits and row math still fp32) and the gradients come back in each
+    input's own dtype, fp32 weights getting fp32 gradients. float16 inputs are computed in fp32.
 
     vocab_size: the real vocabulary when weight and teacher_weight are padded differently (rows past
     it take no part and get no gradient); default: the smaller of the two. process_group: weight
@@ -349,8 +461,20 @@ def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None
     with tail, one bucket for the rest (else renormalised over the k); gradients through the
     student's full log-softmax.
     """
+    amp = autocast_dtype(student_hidden.device) if isinstance(student_hidden, torch.Tensor) else None
+    if amp is not None and student_hidden.dtype == torch.float64:
+        amp = None  # autocast leaves float64 alone
+    n = student_hidden.shape[0] if isinstance(student_hidden, torch.Tensor) and student_hidden.dim() else 0
+    token_weights = _weights_from_labels(token_weights, labels, ignore_index, n)
     vocab = _validate(student_hidden, teacher_hidden, weight, teacher_weight, beta, student_temperature,
-                      teacher_temperature, token_weights, reduction, chunk_size, backend, vocab_size)
+                      teacher_temperature, token_weights, reduction, chunk_size, backend, vocab_size,
+                      amp=amp is not None)
+    _check_bias("bias", bias, weight, "weight", amp is not None)
+    shared = teacher_weight is None or teacher_weight is weight
+    if teacher_bias is None and shared and bias is not None:
+        teacher_bias = bias  # the teacher uses the student's head: all of it
+    _check_bias("teacher_bias", teacher_bias, weight if teacher_weight is None else teacher_weight,
+                "teacher_weight" if teacher_weight is not None else "weight", amp is not None)
     _check_topk(topk, tail, vocab)
     if process_group is not None and (vocab_size is not None or topk):
         raise ValueError("process_group cannot be combined with vocab_size or topk (each rank holds its own rows)")
@@ -358,14 +482,16 @@ def fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight=None
     chunk = chunk_size or default_chunk_size(N, vocab, student_hidden.device)
     chunk = max(1, min(chunk, N))
     # The same tensor for both -> one stacked GEMM; the teacher side never receives a gradient.
-    W_t = None if teacher_weight is None or teacher_weight is weight else teacher_weight.detach()
+    W_t = None if shared else teacher_weight.detach()
     grad = torch.is_grad_enabled()
-    loss, rows, _, _ = _fused_op(
-        student_hidden, teacher_hidden.detach(), weight, W_t,
+    loss, rows, _, _, _ = _fused_op(
+        student_hidden, teacher_hidden.detach(), weight, W_t, bias,
+        None if teacher_bias is None else teacher_bias.detach(),
         _row_weights(token_weights, N, student_hidden.device), float(beta), 1.0 / float(student_temperature),
         1.0 / float(teacher_temperature), reduction, int(chunk), backend, int(vocab),
         "" if process_group is None else process_group.group_name, int(topk or 0), bool(tail),
-        grad and student_hidden.requires_grad, grad and weight.requires_grad)
+        grad and student_hidden.requires_grad, grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad, amp)
     return (loss, rows.detach()) if return_token_losses else loss
 
 
@@ -404,10 +530,13 @@ class _LogitsJSDFunction(torch.autograd.Function):
 
 
 def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
-        teacher_temperature=1.0, token_weights=None, reduction="mean", backend="auto", vocab_size=None,
-        return_token_losses=False, topk=None, tail=True):
+        teacher_temperature=1.0, token_weights=None, labels=None, ignore_index=-100, reduction="mean",
+        backend="auto", vocab_size=None, return_token_losses=False, topk=None, tail=True):
     """fused_linear_jsd for logits already in hand ([N, V] and [N, V_t]); same conventions. Columns
-    that are -inf in both (vocabulary padding, masked tokens) take no part."""
+    that are -inf in both (vocabulary padding, masked tokens) take no part. Logits of any float dtype
+    are read into fp32 rows; the gradient comes back in the student logits' dtype."""
+    n = student_logits.shape[0] if isinstance(student_logits, torch.Tensor) and student_logits.dim() else 0
+    token_weights = _weights_from_labels(token_weights, labels, ignore_index, n)
     vocab = _validate(student_logits, teacher_logits, None, None, beta, student_temperature,
                       teacher_temperature, token_weights, reduction, None, backend, vocab_size, logits=True)
     _check_topk(topk, tail, vocab)
@@ -419,22 +548,32 @@ def jsd(student_logits, teacher_logits, *, beta=0.5, student_temperature=1.0,
 
 
 class FusedLinearJSD(nn.Module):
-    """Module form of fused_linear_jsd: the loss settings at construction, tensors at call."""
+    """Module form of fused_linear_jsd: the loss settings at construction (every option of the
+    function), tensors at call."""
 
     def __init__(self, beta=0.5, student_temperature=1.0, teacher_temperature=1.0,
-                 reduction="mean", chunk_size=None, backend="auto", vocab_size=None):
+                 reduction="mean", chunk_size=None, backend="auto", vocab_size=None, *, ignore_index=-100,
+                 topk=None, tail=True, process_group=None, return_token_losses=False):
         super().__init__()
         self.beta, self.reduction = beta, reduction
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
         self.chunk_size, self.backend, self.vocab_size = chunk_size, backend, vocab_size
+        self.ignore_index, self.topk, self.tail = ignore_index, topk, tail
+        self.process_group, self.return_token_losses = process_group, return_token_losses
 
-    def forward(self, student_hidden, teacher_hidden, weight, teacher_weight=None, token_weights=None):
+    def forward(self, student_hidden, teacher_hidden, weight, teacher_weight=None, token_weights=None, *,
+                labels=None, bias=None, teacher_bias=None):
         return fused_linear_jsd(student_hidden, teacher_hidden, weight, teacher_weight,
                                 beta=self.beta, student_temperature=self.student_temperature,
                                 teacher_temperature=self.teacher_temperature,
-                                token_weights=token_weights, reduction=self.reduction,
-                                chunk_size=self.chunk_size, backend=self.backend, vocab_size=self.vocab_size)
+                                token_weights=token_weights, labels=labels, ignore_index=self.ignore_index,
+                                bias=bias, teacher_bias=teacher_bias, reduction=self.reduction,
+                                chunk_size=self.chunk_size, backend=self.backend, vocab_size=self.vocab_size,
+                                return_token_losses=self.return_token_losses,
+                                process_group=self.process_group, topk=self.topk, tail=self.tail)
 
     def extra_repr(self):
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k in ("topk", "vocab_size", "chunk_size")
+                        if getattr(self, k) is not None)
         return (f"beta={self.beta}, student_temperature={self.student_temperature}, "
-                f"teacher_temperature={self.teacher_temperature}, reduction={self.reduction!r}")
+                f"teacher_temperature={self.teacher_temperature}, reduction={self.reduction!r}{extra}")

@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node=2 check_vocab_parallel.py: fused_linear_jsd with the lm_head split over
 the ranks' vocabulary (rank r holds rows [r V/2, (r+1) V/2)) equals the one-rank result: the loss,
-dH on every rank, and each rank's rows of dW; for every beta and a separate teacher head too."""
+dH on every rank, and each rank's rows of dW; for every beta, a separate teacher head, and a head
+with a bias (each rank holds its entries), called through the FusedLinearJSD module."""
 import os
 import sys
 
@@ -18,19 +19,23 @@ def main():
     hs, ht = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
     W, Wt = torch.randn(V, H, generator=g) / 4, torch.randn(V, H, generator=g) / 4
     tw = (torch.rand(N, generator=g) > 0.3).float()
+    B = torch.randn(V, generator=g)
     rows = slice(rank * V // world, (rank + 1) * V // world)
     worst = 0.0
     for beta in (0.0, 0.4, 1.0):
-        for teacher in (None, Wt):
+        for teacher, bias in ((None, None), (Wt, None), (None, B)):
             outs = []
             for part in (False, True):
                 a = hs.clone().requires_grad_()
                 w = (W[rows] if part else W).clone().requires_grad_()
                 t = None if teacher is None else (teacher[rows] if part else teacher)
-                loss = K.fused_linear_jsd(a, ht, w, t, beta=beta, token_weights=tw, chunk_size=8,
-                                          process_group=dist.group.WORLD if part else None)
+                b = None if bias is None else (bias[rows] if part else bias).clone().requires_grad_()
+                # The module form, which takes process_group like the function.
+                loss_fn = K.FusedLinearJSD(beta=beta, chunk_size=8, process_group=dist.group.WORLD if part else None)
+                loss = loss_fn(a, ht, w, t, token_weights=tw, bias=b)
                 loss.backward()
-                outs.append((loss.detach(), a.grad, w.grad if part else w.grad[rows]))
+                outs.append((loss.detach(), a.grad, w.grad if part else w.grad[rows])
+                            + (() if b is None else (b.grad if part else b.grad[rows],)))
             for x, y in zip(*outs):
                 worst = max(worst, ((x - y).norm() / y.norm()).item())
     ok = torch.tensor([int(worst <= 1e-5)])
