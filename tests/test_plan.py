@@ -1,5 +1,4 @@
 """opcod.plan: parameter counts from config.json, the paper configs on 2 x H200, refusals by key."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,6 @@ from opcod.config import load_config
 from opcod.plan import Shape, make_plan
 
 ROOT = Path(__file__).parent.parent
-# Qwen3-8B's published config.json (the sizes only): 8,190,735,360 parameters.
-QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
-            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False}
-
-
-@pytest.fixture(scope="module")
-def qwen3_8b(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen3-8b")
-    (d / "config.json").write_text(json.dumps(QWEN3_8B))
-    return d
 
 
 def test_parameter_count_matches_the_model():

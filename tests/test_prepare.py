@@ -117,10 +117,8 @@ def test_prepare_refuses_unknown_layouts_and_never_overwrites_other_problems(tmp
 
 
 def test_prepare_from_a_hub_dataset_without_datasets_names_the_extra(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("datasets is installed: this checks the message without it")
-    except ImportError:
-        pass
-    res = _run("-m", "opcod.data", "prepare", "hicai-zju/SciKnowEval", tmp_path / "out")
-    assert res.returncode == 2 and "opcod[data]" in res.stderr
+    # datasets may be installed here (TRL, in the test extra, pulls it in): hide it as if it were not.
+    code = ("import sys; sys.modules['datasets'] = None; from opcod.data import main; "
+            f"sys.exit(main(['prepare', 'hicai-zju/SciKnowEval', {str(tmp_path / 'out')!r}]))")
+    res = _run("-c", code)
+    assert res.returncode == 2 and "opcod[data]" in res.stderr, res.stderr[-2000:]
