@@ -81,7 +81,8 @@ DEMO_SHORT = ["rounds=2", "steps_per_phase=2", "prompts_per_step=4", "rollouts_p
 
 @pytest.fixture(scope="session")
 def demo_env(tmp_path_factory):
-    # OPCOD_TEST_CACHE reuses demo students built before (a developer's shortcut; CI builds them).
+    # OPCOD_TEST_CACHE reuses demo students built before (a developer's shortcut; .ci/run sets an empty one
+    # for its readme lane, which builds them there, and its vllm lane reuses them).
     cache = os.environ.get("OPCOD_TEST_CACHE") or tmp_path_factory.mktemp("opcod-cache")
     return {**ENV, "OPCOD_CACHE": str(cache)}
 
